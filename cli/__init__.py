@@ -1,0 +1,1 @@
+"""The `rlkd` command line (installed as the `rlkd_cli` package)."""

@@ -1,0 +1,155 @@
+"""`rlkd`: a thin click shell over the library.
+
+Each command parses flags, builds the stage's config (YAML + flags) and calls one library
+function. User errors (`RlkdError`) print one line and exit 1; `--debug` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+
+from rlkd_cache.config import CacheConfig, default_cache_root, load_config
+from rlkd_cache.errors import RlkdError
+
+
+class App(click.Group):
+    """Runs commands with user errors turned into one-line messages."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RlkdError as e:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"rlkd: error: {e}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=App)
+@click.option("--debug", is_flag=True, help="Show tracebacks for user errors too.")
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
+def app(debug: bool, quiet: bool) -> None:
+    """Offline knowledge distillation: cache a teacher's top-k log-probs once, train students."""
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="rlkd: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("transformers", "datasets", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@app.command()
+@click.option(
+    "--config", "config_path", type=click.Path(), help="YAML file with cache config keys."
+)
+@click.option(
+    "--model",
+    help="Teacher: local Hugging Face model folder (default: embedded SmolLM2-135M-Instruct).",
+)
+@click.option(
+    "--dataset", help="Local JSONL/JSON/Parquet/CSV file, saved dataset folder, or hub name."
+)
+@click.option("--split", help="Split, with slicing allowed: train, train[:300], ... [train]")
+@click.option("--text-field", help="Column with plain text.")
+@click.option("--prompt-field", help="Column with the prompt (with --response-field).")
+@click.option("--response-field", help="Column with the response (with --prompt-field).")
+@click.option("--messages-field", help="Column with chat messages [{role, content}, ...].")
+@click.option("--id-field", help="Column with a stable sequence id [row index].")
+@click.option(
+    "--template",
+    type=click.Choice(["auto", "chat", "none"]),
+    help="How pairs/messages become text [auto].",
+)
+@click.option(
+    "--positions",
+    type=click.Choice(["all", "response"]),
+    help="Which next-token positions to distil [all].",
+)
+@click.option("--top-k", type=int, help="Teacher tokens stored per position [20].")
+@click.option("--max-length", type=int, help="Truncate sequences to this many tokens [1024].")
+@click.option(
+    "--logprob-step", type=float, help="Log-prob quantization step, nats; error <= step/2 [0.0099]."
+)
+@click.option(
+    "--backend", type=click.Choice(["auto", "hf", "vllm"]), help="Teacher backend [auto]."
+)
+@click.option("--batch-tokens", type=int, help="Token budget per teacher batch [8192].")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    help="Teacher dtype [float32].",
+)
+@click.option(
+    "--strict", is_flag=True, default=None, help="Fail on the first bad row instead of skipping it."
+)
+@click.option("--cache-root", help="Where caches live [$RLKD_CACHE_ROOT or ~/.cache/rlkd].")
+@click.option("--num-shards-hint", type=int, help="Roughly how many shards to write.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def cache(config_path: str | None, no_progress: bool, **flags: Any) -> None:
+    """Run the teacher over a dataset and cache its top-k log-probs. Prints the cache path last."""
+    from rlkd_cache.cache import run_cache
+
+    cfg = load_config(CacheConfig, config_path, **flags)
+    path = run_cache(cfg, progress=not no_progress)
+    click.echo(str(path))
+
+
+@app.command()
+@click.argument("cache_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of a table.")
+def inspect(cache_dir: str, as_json: bool) -> None:
+    """Show a cache's teacher, data, k, shards, positions, size and skipped rows."""
+    from rlkd_cache.store.reader import Cache
+    from rlkd_cache.store.tools import render, summary
+
+    info = summary(Cache(cache_dir))
+    click.echo(json.dumps(info, indent=2) if as_json else render(info))
+
+
+@app.command()
+@click.argument("cache_dir", type=click.Path())
+def verify(cache_dir: str) -> None:
+    """Check every shard's sha256 and that it decodes; exit 1 naming each bad shard."""
+    from rlkd_cache.store import tools
+
+    problems = tools.verify(cache_dir)
+    for problem in problems:
+        click.echo(f"BAD {problem}", err=True)
+    if problems:
+        raise RlkdError(f"{cache_dir}: {len(problems)} problem(s) found")
+    click.echo(f"OK {cache_dir}")
+
+
+@app.command("ls")
+@click.option("--cache-root", default=None, help="[$RLKD_CACHE_ROOT or ~/.cache/rlkd]")
+def ls(cache_root: str | None) -> None:
+    """List the caches under a root, one line each."""
+    from rlkd_cache.store.tools import list_caches
+
+    root = cache_root or default_cache_root()
+    lines = list_caches(root)
+    click.echo("\n".join(lines) if lines else f"no caches under {root}")
+
+
+@app.command()
+@click.argument("cache_dir", type=click.Path())
+@click.argument("out", type=click.Path())
+def export(cache_dir: str, out: str) -> None:
+    """Write the cache decoded as plain Parquet (seq_id, input_ids, positions, topk_ids,
+    topk_logprobs, target_logprobs) for other tools."""
+    from rlkd_cache.store.tools import export as export_cache
+
+    rows = export_cache(cache_dir, out)
+    click.echo(f"wrote {rows} rows to {out}")
+
+
+def main() -> None:
+    app(prog_name="rlkd")

@@ -1,0 +1,1 @@
+"""Ready-to-run recipes and the bundled default data (installed as `rlkd_pipelines`)."""

@@ -1,0 +1,8 @@
+"""The cache format, in one package: version, schema and codec, writer, reader, manifest.
+
+Nothing outside `store/` knows the byte layout. See `codec.py` for the encoding and
+`docs/cache-format.md` for the contract.
+"""
+
+FORMAT_VERSION = 1
+"""Version of the on-disk format. Readers refuse versions they do not know."""

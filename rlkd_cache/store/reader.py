@@ -1,0 +1,100 @@
+"""Reading a cache: check the manifest, verify each shard's sha256, decode.
+
+`Cache` trusts only what the manifest lists. A shard whose bytes do not match the manifest's
+sha256 is refused with an error naming it. Decoding works a shard at a time (`Block`, flat
+arrays); `rows()` splits blocks into per-sequence `CacheRow`s for tools and tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from rlkd_cache.errors import RlkdError
+from rlkd_cache.store import codec
+from rlkd_cache.store.manifest import file_sha256, load_manifest
+
+
+@dataclass
+class CacheRow:
+    """One cached sequence, decoded."""
+
+    seq_id: str
+    input_ids: np.ndarray  # (T,) int32
+    positions: np.ndarray  # (P,) int32; position t predicts input_ids[t + 1]
+    topk_ids: np.ndarray  # (P, k) int32
+    topk_logprobs: np.ndarray  # (P, k) float32, descending
+    target_logprobs: np.ndarray  # (P,) float32
+
+
+class Cache:
+    """A complete cache directory, opened through its manifest."""
+
+    def __init__(self, path: str | Path):
+        self.dir = Path(path)
+        self.manifest: dict[str, Any] = load_manifest(self.dir)
+
+    @property
+    def k(self) -> int:
+        return int(self.manifest["k"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return list(self.manifest["shards"])
+
+    def read_shard(self, index: int, verify: bool = True) -> codec.Block:
+        """Decode shard `index`, after checking its sha256 against the manifest."""
+        entry = self.shards[index]
+        path = self.dir / entry["name"]
+        if not path.is_file():
+            raise RlkdError(f"{path}: shard listed in the manifest is missing")
+        if verify:
+            actual = file_sha256(path)
+            if actual != entry["sha256"]:
+                raise RlkdError(
+                    f"{path}: checksum mismatch (manifest sha256 {entry['sha256'][:16]}..., "
+                    f"file {actual[:16]}...): the shard is corrupt; delete the cache and rerun"
+                )
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises several types for damaged files
+            raise RlkdError(f"{path}: cannot read Parquet ({type(e).__name__}: {e})") from None
+        try:
+            block = codec.decode(table)
+        except RlkdError as e:
+            raise RlkdError(f"{path}: {e}") from None
+        if len(block) != entry["rows"] or block.pos_off[-1] != entry["positions"]:
+            raise RlkdError(f"{path}: rows or positions differ from the manifest")
+        return block
+
+    def blocks(self, verify: bool = True) -> Iterator[codec.Block]:
+        for index in range(len(self.shards)):
+            yield self.read_shard(index, verify)
+
+    def rows(self, verify: bool = True) -> Iterator[CacheRow]:
+        for block in self.blocks(verify):
+            yield from split_rows(block)
+
+
+def split_rows(block: codec.Block) -> Iterator[CacheRow]:
+    """Per-sequence views of a decoded block."""
+    for r, seq_id in enumerate(block.seq_ids):
+        t0, t1 = block.tok_off[r], block.tok_off[r + 1]
+        p0, p1 = block.pos_off[r], block.pos_off[r + 1]
+        yield CacheRow(
+            seq_id,
+            block.input_ids[t0:t1],
+            block.positions[p0:p1],
+            block.topk_ids[p0:p1],
+            block.topk_logprobs[p0:p1],
+            block.target_logprobs[p0:p1],
+        )

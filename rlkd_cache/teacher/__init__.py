@@ -1,0 +1,57 @@
+"""Teacher backends: turn token sequences into top-k next-token log-probabilities.
+
+A backend implements `TeacherBackend`. The transformers backend (`hf.py`) is the reference;
+the vLLM backend (`vllm.py`) is the fast path on GPUs. Both return exactly the same rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from rlkd_cache.data import Sequence
+
+
+@dataclass
+class TeacherOutput:
+    """The teacher's view of one sequence at its distilled positions (P of them)."""
+
+    topk_ids: np.ndarray  # (P, k) int32, most likely first
+    topk_logprobs: np.ndarray  # (P, k) float32, descending, normalized over the full vocab
+    target_logprobs: np.ndarray  # (P,) float32, log-prob of the actual next token
+
+
+class TeacherBackend(Protocol):
+    """What the cache pipeline needs from a teacher."""
+
+    name: str
+    """Short backend name recorded in the manifest ("hf", "vllm")."""
+    vocab_size: int
+    """Size of the teacher's output distribution."""
+
+    def version(self) -> str:
+        """Backend library and version, for the manifest (for example "transformers 5.19.0")."""
+        ...
+
+    def score(self, batch: list[Sequence], k: int) -> list[TeacherOutput]:
+        """Top-k log-probs at each sequence's distilled positions, in the batch's order."""
+        ...
+
+
+def make_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Group sequence indices into batches whose padded size (count x longest) stays within
+    `batch_tokens`; sorted by length so padding stays low. A sequence longer than the budget
+    gets a batch of its own. Deterministic for the same lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if current and (len(current) + 1) * lengths[i] > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
