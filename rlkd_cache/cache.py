@@ -31,6 +31,7 @@ from rlkd_cache.store.fingerprint import fingerprint, folder_sha256, slug, token
 from rlkd_cache.store.manifest import FORMAT_NAME, MANIFEST, load_manifest, write_json_atomic
 from rlkd_cache.store.writer import CacheWriter
 from rlkd_cache.teacher import TeacherBackend, make_batches
+from rlkd_cache.teacher.select import make_backend, resolve_backend
 
 log = logging.getLogger("rlkd.cache")
 
@@ -58,21 +59,6 @@ def resolve_model(cfg: CacheConfig) -> Path:
             "with config.json)"
         )
     return path
-
-
-def resolve_backend(cfg: CacheConfig) -> tuple[str, str]:
-    """(backend name, why it was chosen)."""
-    if cfg.backend == "vllm":
-        raise RlkdError("--backend vllm is not available in this version; use --backend hf")
-    if cfg.backend == "hf":
-        return "hf", "asked for with --backend hf"
-    return "hf", "auto: transformers is the available backend"
-
-
-def make_backend(name: str, model: Path, cfg: CacheConfig) -> TeacherBackend:
-    from rlkd_cache.teacher.hf import HFTeacher
-
-    return HFTeacher(model, dtype=cfg.dtype)
 
 
 def shard_plan(prepared: Prepared, hint: int | None) -> list[int]:

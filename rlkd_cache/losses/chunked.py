@@ -1,0 +1,221 @@
+"""The training objective, computed from hidden states in chunks of positions.
+
+`distill_loss` applies the LM head and every loss (KD, RLKD ranking, CE) to `chunk_size`
+positions at a time, each chunk under `torch.utils.checkpoint`, so the (N, V) logits never exist
+at once: not in the forward, and not in the backward either, where each chunk's logits are
+recomputed, used and freed before the next. Peak memory then scales with chunk_size x V
+instead of N x V. `distill_loss_reference` is the plain version that builds all logits at once;
+tests hold the two equal, values and gradients.
+
+Reduction: every part is a SUM over unmasked positions, returned with their count (see
+`reduction.py`); the trainer divides `total` once by the global count of the optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from rlkd_cache.losses.kl import KDKind, TailMode, cross_entropy_loss, kd_loss
+from rlkd_cache.losses.ranking import UnionMode, rlkd_rank_loss
+from rlkd_cache.losses.reduction import position_mask
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """How the student's loss is built. Defaults follow the RLKD authors' scripts."""
+
+    kd: KDKind = "fkl"
+    """Divergence for the KD term: fkl, rkl, js, tvd, sfkl, srkl or akl (see `kl.py`)."""
+    kd_weight: float = 0.5
+    """Weight of the KD term; 0.5 gives the paper's L = L_rank + L_KD / 2."""
+    rank_weight: float = 1.0
+    """Weight of the RLKD ranking term."""
+    rank_k: int = 15
+    """Tokens per side in the ranking union (paper: 15 pre-training, 5 fine-tuning); <= cache k."""
+    rank_union: UnionMode = "censored"
+    """Ranking union: "censored" (teacher ∪ student top-rank_k) or "teacher" (see `ranking.py`)."""
+    ce_weight: float = 0.0
+    """Weight of the cross-entropy on the actual next tokens (the paper uses none)."""
+    temperature: float = 1.0
+    """Temperature of the KD term (student logits / tau; cached teacher rescaled, see `kl.py`)."""
+    tail: TailMode = "bucket"
+    """Mass outside the teacher's top-k: one extra category ("bucket") or none ("renormalize")."""
+    jsd_beta: float = 0.5
+    """Mixture weight of the teacher in the generalized JSD, in (0, 1)."""
+    skew_alpha: float = 0.1
+    """Skew of sfkl / srkl (DistiLLM), in [0, 1)."""
+    akl_mu: float = 0.5
+    """Teacher mass that defines the head for AKL, in (0, 1)."""
+    rank_strength: float = 1.0
+    """l2 regularization strength of the soft rank (torchsort's regularization_strength)."""
+
+    def __post_init__(self) -> None:
+        choices = {"kd": KDKind, "tail": TailMode, "rank_union": UnionMode}
+        for name, kind in choices.items():
+            value = getattr(self, name)
+            if value not in get_args(kind):
+                raise ValueError(f"{name} must be one of {get_args(kind)}, got {value!r}")
+        for name in ("kd_weight", "rank_weight", "ce_weight"):
+            weight = getattr(self, name)
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {weight}")
+        if self.rank_k < 2:
+            raise ValueError(f"rank_k must be >= 2, got {self.rank_k}")
+        if not (self.temperature > 0 and self.rank_strength > 0):
+            raise ValueError("temperature and rank_strength must be > 0")
+        if not (0 < self.jsd_beta < 1 and 0 <= self.skew_alpha < 1 and 0 < self.akl_mu < 1):
+            raise ValueError("need 0 < jsd_beta < 1, 0 <= skew_alpha < 1, 0 < akl_mu < 1")
+
+
+@dataclass(frozen=True, eq=False)
+class TeacherTopK:
+    """What the cache holds for N distilled positions (flattened over the batch, no padding)."""
+
+    topk_ids: Tensor
+    """(N, k) int64 the teacher's top-k token ids."""
+    topk_logprobs: Tensor
+    """(N, k) float32 their log-probs, normalized over the full vocabulary, descending."""
+    target_ids: Tensor
+    """(N,) int64 the actual next token."""
+    target_logprobs: Tensor
+    """(N,) float32 the teacher's log-prob of the actual next token (known outside the top-k)."""
+
+    def rows(self, start: int, stop: int) -> TeacherTopK:
+        """The positions [start, stop)."""
+        return TeacherTopK(
+            self.topk_ids[start:stop],
+            self.topk_logprobs[start:stop],
+            self.target_ids[start:stop],
+            self.target_logprobs[start:stop],
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class LossSums:
+    """Each part of the objective summed over unmasked positions, and their count."""
+
+    kd: Tensor
+    """() the KD divergence, summed."""
+    rank: Tensor
+    """() the RLKD ranking loss 1 - rho, summed."""
+    ce: Tensor
+    """() the cross-entropy on the actual tokens, summed."""
+    total: Tensor
+    """() kd_weight * kd + rank_weight * rank + ce_weight * ce: what to backpropagate."""
+    count: Tensor
+    """() int64 the number of unmasked positions."""
+
+
+def _part_sums(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    teacher: TeacherTopK,
+    keep: Tensor,
+    cfg: LossConfig,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LM head then the three loss sums for some positions. (C, H) -> three () tensors."""
+    logits = F.linear(hidden, weight, bias).float()  # (C, V)
+    kd = kd_loss(
+        logits,
+        teacher.topk_ids,
+        teacher.topk_logprobs,
+        keep,
+        kind=cfg.kd,
+        tail=cfg.tail,
+        temperature=cfg.temperature,
+        jsd_beta=cfg.jsd_beta,
+        skew_alpha=cfg.skew_alpha,
+        akl_mu=cfg.akl_mu,
+    )
+    rank = rlkd_rank_loss(
+        logits,
+        teacher.topk_ids,
+        teacher.topk_logprobs,
+        teacher.target_ids,
+        teacher.target_logprobs,
+        keep,
+        rank_k=cfg.rank_k,
+        union=cfg.rank_union,
+        strength=cfg.rank_strength,
+    )
+    ce = cross_entropy_loss(logits, teacher.target_ids, keep)
+    return kd.total, rank.total, ce.total
+
+
+def _combine(kd: Tensor, rank: Tensor, ce: Tensor, keep: Tensor, cfg: LossConfig) -> LossSums:
+    """Weight the parts into the total and attach the count."""
+    total = cfg.kd_weight * kd + cfg.rank_weight * rank + cfg.ce_weight * ce
+    return LossSums(kd=kd, rank=rank, ce=ce, total=total, count=keep.sum(dtype=torch.int64))
+
+
+def distill_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    teacher: TeacherTopK,
+    mask: Tensor | None,
+    cfg: LossConfig,
+    *,
+    chunk_size: int = 256,
+) -> LossSums:
+    """The full objective from the student's last hidden states, `chunk_size` positions at a time.
+
+    Args:
+        hidden: (N, H) student final hidden states at the distilled positions.
+        weight: (V, H) LM head weight.
+        bias: (V,) LM head bias, or None.
+        teacher: the cached teacher rows for the same N positions.
+        mask: (N,) bool, False = ignore the position; None = all positions.
+        cfg: which losses and how they are weighted.
+        chunk_size: positions per chunk; peak memory grows with chunk_size x V.
+
+    Returns:
+        Per-part sums, the weighted total and the count of unmasked positions.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    n = hidden.shape[0]
+    keep = position_mask(mask, n, hidden.device)  # (N,)
+    sums: list[tuple[Tensor, Tensor, Tensor]] = []
+    # One empty chunk when N = 0, so the result still hangs off the autograd graph.
+    for start in range(0, max(n, 1), chunk_size):
+        stop = min(start + chunk_size, n)
+        sums.append(
+            checkpoint(
+                _part_sums,
+                hidden[start:stop],
+                weight,
+                bias,
+                teacher.rows(start, stop),
+                keep[start:stop],
+                cfg,
+                use_reentrant=False,
+            )
+        )
+    kd, rank, ce = (torch.stack(part).sum() for part in zip(*sums, strict=True))
+    return _combine(kd, rank, ce, keep, cfg)
+
+
+def distill_loss_reference(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    teacher: TeacherTopK,
+    mask: Tensor | None,
+    cfg: LossConfig,
+) -> LossSums:
+    """Plain version of `distill_loss` (same arguments, no chunk_size): all (N, V) logits at once.
+
+    For tests and for measuring what chunking saves.
+    """
+    keep = position_mask(mask, hidden.shape[0], hidden.device)  # (N,)
+    kd, rank, ce = _part_sums(hidden, weight, bias, teacher, keep, cfg)
+    return _combine(kd, rank, ce, keep, cfg)
