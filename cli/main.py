@@ -36,11 +36,14 @@ class App(click.Group):
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
 def app(debug: bool, quiet: bool) -> None:
     """Offline knowledge distillation: cache a teacher's top-k log-probs once, train students."""
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format="rlkd: %(message)s",
-        stream=sys.stderr,
-    )
+    logger = logging.getLogger("rlkd")  # every rlkd module logs under "rlkd."
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("rlkd: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
     for noisy in ("transformers", "datasets", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -153,3 +156,7 @@ def export(cache_dir: str, out: str) -> None:
 
 def main() -> None:
     app(prog_name="rlkd")
+
+
+if __name__ == "__main__":
+    main()

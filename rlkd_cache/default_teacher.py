@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rlkd_cache.errors import RlkdError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("rlkd.default_teacher")
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FOLDER_NAME = "SmolLM2-135M-Instruct"

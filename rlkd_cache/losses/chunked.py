@@ -1,11 +1,14 @@
 """The training objective, computed from hidden states in chunks of positions.
 
 `distill_loss` applies the LM head and every loss (KD, RLKD ranking, CE) to `chunk_size`
-positions at a time, each chunk under `torch.utils.checkpoint`, so the (N, V) logits never exist
-at once: not in the forward, and not in the backward either, where each chunk's logits are
-recomputed, used and freed before the next. Peak memory then scales with chunk_size x V
-instead of N x V. `distill_loss_reference` is the plain version that builds all logits at once;
-tests hold the two equal, values and gradients.
+positions at a time, so the (N, V) logits never exist at once, in the forward or the backward.
+Like Liger-Kernel's fused linear losses, it takes the gradients in the forward: for each chunk
+it builds the logits, backpropagates the chunk's weighted total to them, folds that into the
+gradients of the hidden states, LM head weight and bias (accumulated in place), and frees the
+chunk before the next. The backward then only scales those gradients by the incoming one. No
+logits are recomputed, and peak memory grows with chunk_size x V instead of N x V.
+`distill_loss_reference` is the plain version that builds all logits at once; tests hold the
+two equal, values and gradients.
 
 Reduction: every part is a SUM over unmasked positions, returned with their count (see
 `reduction.py`); the trainer divides `total` once by the global count of the optimizer step.
@@ -15,12 +18,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import get_args
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from rlkd_cache.losses.kl import KDKind, TailMode, cross_entropy_loss, kd_loss
 from rlkd_cache.losses.ranking import UnionMode, rlkd_rank_loss
@@ -108,21 +110,16 @@ class LossSums:
     ce: Tensor
     """() the cross-entropy on the actual tokens, summed."""
     total: Tensor
-    """() kd_weight * kd + rank_weight * rank + ce_weight * ce: what to backpropagate."""
+    """() kd_weight * kd + rank_weight * rank + ce_weight * ce: what to backpropagate. From
+    `distill_loss`, only `total` carries a gradient (the parts are for logging)."""
     count: Tensor
     """() int64 the number of unmasked positions."""
 
 
 def _part_sums(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    teacher: TeacherTopK,
-    keep: Tensor,
-    cfg: LossConfig,
+    logits: Tensor, teacher: TeacherTopK, keep: Tensor, cfg: LossConfig
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """LM head then the three loss sums for some positions. (C, H) -> three () tensors."""
-    logits = F.linear(hidden, weight, bias).float()  # (C, V)
+    """The three loss sums for some positions, from their logits. (C, V) -> three () tensors."""
     kd = kd_loss(
         logits,
         teacher.topk_ids,
@@ -150,10 +147,64 @@ def _part_sums(
     return kd.total, rank.total, ce.total
 
 
-def _combine(kd: Tensor, rank: Tensor, ce: Tensor, keep: Tensor, cfg: LossConfig) -> LossSums:
-    """Weight the parts into the total and attach the count."""
-    total = cfg.kd_weight * kd + cfg.rank_weight * rank + cfg.ce_weight * ce
-    return LossSums(kd=kd, rank=rank, ce=ce, total=total, count=keep.sum(dtype=torch.int64))
+def _weighted(kd: Tensor, rank: Tensor, ce: Tensor, cfg: LossConfig) -> Tensor:
+    """kd_weight * kd + rank_weight * rank + ce_weight * ce."""
+    return cfg.kd_weight * kd + cfg.rank_weight * rank + cfg.ce_weight * ce
+
+
+class _ChunkedObjective(torch.autograd.Function):
+    """LM head + losses chunk by chunk, gradients taken in the forward (see the module doc).
+
+    Outputs (total, kd, rank, ce); only total is differentiable. The backward scales the stored
+    gradients in place, so it can run once per forward (a second run fails loudly).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        teacher: TeacherTopK,
+        keep: Tensor,
+        cfg: LossConfig,
+        chunk_size: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        any_grad = need_hidden or need_weight or need_bias
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None  # (N, H)
+        grad_weight = torch.zeros_like(weight) if need_weight else None  # (V, H)
+        grad_bias = torch.zeros_like(bias) if need_bias and bias is not None else None  # (V,)
+        sums = torch.zeros(3, device=hidden.device)  # kd, rank, ce
+        for start in range(0, hidden.shape[0], chunk_size):
+            stop = min(start + chunk_size, hidden.shape[0])
+            chunk = hidden[start:stop]  # (C, H)
+            logits = F.linear(chunk, weight, bias).float()  # (C, V)
+            with torch.enable_grad():
+                logits.requires_grad_(any_grad)
+                parts = _part_sums(logits, teacher.rows(start, stop), keep[start:stop], cfg)
+                if any_grad:
+                    (grad_logits,) = torch.autograd.grad(_weighted(*parts, cfg), logits)
+            sums += torch.stack(parts).detach()
+            del logits  # free the chunk's logits before the next chunk's
+            if not any_grad:
+                continue
+            grad_logits = grad_logits.to(weight.dtype)  # (C, V)
+            if grad_hidden is not None:
+                grad_hidden[start:stop] = grad_logits @ weight  # (C, H)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T, chunk)  # (V, H)
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)  # (V,)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        kd, rank, ce = sums.unbind()
+        ctx.mark_non_differentiable(kd, rank, ce)
+        return _weighted(kd, rank, ce, cfg), kd, rank, ce
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+        grads = [grad if grad is None else grad.mul_(grad_total) for grad in ctx.saved_tensors]
+        return (*grads, None, None, None, None)
 
 
 def distill_loss(
@@ -167,6 +218,9 @@ def distill_loss(
     chunk_size: int = 256,
 ) -> LossSums:
     """The full objective from the student's last hidden states, `chunk_size` positions at a time.
+
+    Gradients (of `total` only) w.r.t. hidden, weight and bias are computed during this call
+    when grad mode is on and they require grad; `total.backward()` then applies them, once.
 
     Args:
         hidden: (N, H) student final hidden states at the distilled positions.
@@ -182,26 +236,11 @@ def distill_loss(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    n = hidden.shape[0]
-    keep = position_mask(mask, n, hidden.device)  # (N,)
-    sums: list[tuple[Tensor, Tensor, Tensor]] = []
-    # One empty chunk when N = 0, so the result still hangs off the autograd graph.
-    for start in range(0, max(n, 1), chunk_size):
-        stop = min(start + chunk_size, n)
-        sums.append(
-            checkpoint(
-                _part_sums,
-                hidden[start:stop],
-                weight,
-                bias,
-                teacher.rows(start, stop),
-                keep[start:stop],
-                cfg,
-                use_reentrant=False,
-            )
-        )
-    kd, rank, ce = (torch.stack(part).sum() for part in zip(*sums, strict=True))
-    return _combine(kd, rank, ce, keep, cfg)
+    keep = position_mask(mask, hidden.shape[0], hidden.device)  # (N,)
+    total, kd, rank, ce = _ChunkedObjective.apply(
+        hidden, weight, bias, teacher, keep, cfg, chunk_size
+    )
+    return LossSums(kd=kd, rank=rank, ce=ce, total=total, count=keep.sum(dtype=torch.int64))
 
 
 def distill_loss_reference(
@@ -214,8 +253,10 @@ def distill_loss_reference(
 ) -> LossSums:
     """Plain version of `distill_loss` (same arguments, no chunk_size): all (N, V) logits at once.
 
-    For tests and for measuring what chunking saves.
+    Plain autograd throughout; for tests and for measuring what chunking saves.
     """
     keep = position_mask(mask, hidden.shape[0], hidden.device)  # (N,)
-    kd, rank, ce = _part_sums(hidden, weight, bias, teacher, keep, cfg)
-    return _combine(kd, rank, ce, keep, cfg)
+    logits = F.linear(hidden, weight, bias).float()  # (N, V)
+    kd, rank, ce = _part_sums(logits, teacher, keep, cfg)
+    total = _weighted(kd, rank, ce, cfg)
+    return LossSums(kd=kd, rank=rank, ce=ce, total=total, count=keep.sum(dtype=torch.int64))

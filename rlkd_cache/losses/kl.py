@@ -91,7 +91,7 @@ def category_log_probs(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     a = topk_logprobs.float().clamp_min(LOG_FLOOR)  # (N, k)
-    s = z.float() / temperature  # (N, V)
+    s = z.float() if temperature == 1.0 else z.float() / temperature  # (N, V) no copy at tau 1
     s_k = s.gather(-1, topk_ids)  # (N, k)
     if tail == "renormalize":
         a_t = a / temperature  # (N, k)
