@@ -101,7 +101,10 @@ class TeacherTopK:
 
 @dataclass(frozen=True, eq=False)
 class LossSums:
-    """Each part of the objective summed over unmasked positions, and their count."""
+    """Each part of the objective summed over unmasked positions, and their count.
+
+    Every part is computed whatever its weight, so all three can be logged.
+    """
 
     kd: Tensor
     """() the KD divergence, summed."""

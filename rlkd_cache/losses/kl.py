@@ -45,7 +45,8 @@ on both sides (exact for the coarsened distribution); "renormalize" drops it and
 sides over the top-k (biased; kept for comparison)."""
 
 LOG_FLOOR: float = math.log(torch.finfo(torch.float32).tiny)
-"""Smallest tail log-mass used (about -87.3): the log of the smallest normal fp32."""
+"""Floor of every teacher log-prob and tail log-mass (about -87.3): log of the smallest normal
+fp32. It keeps the divergences finite when a mass is 0."""
 
 _LN2 = math.log(2.0)
 

@@ -10,10 +10,12 @@ Union modes (`UnionMode`):
   The teacher is known only on its cached top-k set K, so the teacher scores over U are:
   the cached log-prob a_v for v in K (also beyond the first `rank_k` columns); the exact cached
   a_y for the actual next token y when it is not in K; and for every other token outside K one
-  tied score, the uniform-tail value log(P_tail / (V - k)), clamped strictly below the smallest
-  cached value so that these tokens rank below all of K (as they truly do). It is the default
-  because it keeps what the paper's union adds: the student is penalized for a false peak,
-  a token it ranks high that the teacher does not.
+  tied score, the uniform-tail value log(P_tail / (V - k)): the log-prob each tail token would
+  have if the tail were flat, a natural guess for "somewhere in the tail". Both are clamped
+  strictly below the smallest cached value (nextafter), so tokens outside K always rank below
+  all of K, as they truly do; the clamp only bites when the tail is nearly flat or quantization
+  lifted a_y. It is the default because it keeps what the paper's union adds: the student is
+  penalized for a false peak, a token it ranks high that the teacher does not.
 - "teacher": U = teacher top-`rank_k` only. Exact from the cache, but blind to false peaks.
 
 Student scores are its raw logits over U (no temperature), the teacher's are log-probs (a

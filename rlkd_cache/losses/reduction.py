@@ -5,6 +5,10 @@ positions, and the COUNT of those positions. Nothing here averages. The trainer 
 of every micro-batch (and every DDP rank) and divides once by the global count of distilled
 positions in the optimizer step, so gradient accumulation and data parallelism give the same
 update as one big batch. An all-masked or empty batch gives a sum of exactly 0 and a count of 0.
+
+A masked-out position removes its value and gradient, not its indexing: its token ids must
+still lie in the vocabulary and its values be finite (cross-entropy alone tolerates ignore-index
+targets such as -100 there).
 """
 
 from __future__ import annotations
