@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from rlkd_cache.config import CacheConfig, default_cache_root, load_config
+from rlkd_cache.config import CacheConfig, TrainConfig, default_cache_root, load_config
 from rlkd_cache.errors import RlkdError
 
 
@@ -47,6 +47,19 @@ def app(debug: bool, quiet: bool) -> None:
     for noisy in ("transformers", "datasets", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _json_mapping(param: click.Parameter, value: str | None) -> dict[str, Any] | None:
+    """Parse a flag that takes a JSON object (None when the flag is absent)."""
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not valid JSON ({e})", param=param) from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("expected a JSON object like '{\"key\": value}'", param=param)
+    return parsed
 
 
 @app.command()
@@ -95,6 +108,28 @@ def app(debug: bool, quiet: bool) -> None:
 )
 @click.option("--cache-root", help="Where caches live [$RLKD_CACHE_ROOT or ~/.cache/rlkd].")
 @click.option("--num-shards-hint", type=int, help="Roughly how many shards to write.")
+@click.option(
+    "--vllm-tensor-parallel-size", type=int, help="vLLM: GPUs to split the teacher over [1]."
+)
+@click.option(
+    "--vllm-max-model-len", type=int, help="vLLM: engine context length [max-length + 1]."
+)
+@click.option(
+    "--vllm-gpu-memory-utilization",
+    type=float,
+    help="vLLM: share of device memory the engine reserves [0.9 GPU, 0.3 CPU].",
+)
+@click.option("--vllm-seed", type=int, help="vLLM: engine seed [0].")
+@click.option(
+    "--vllm-batch-tokens",
+    type=int,
+    help="vLLM: tokens per engine step; bounds prompt-logprob memory [--batch-tokens].",
+)
+@click.option(
+    "--vllm-engine-kwargs",
+    callback=lambda ctx, param, value: _json_mapping(param, value),
+    help="vLLM: extra vllm.LLM arguments as a JSON object, e.g. '{\"enforce_eager\": true}'.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def cache(config_path: str | None, no_progress: bool, **flags: Any) -> None:
     """Run the teacher over a dataset and cache its top-k log-probs. Prints the cache path last."""
@@ -152,6 +187,54 @@ def export(cache_dir: str, out: str) -> None:
 
     rows = export_cache(cache_dir, out)
     click.echo(f"wrote {rows} rows to {out}")
+
+
+@app.command()
+@click.option(
+    "--config", "config_path", type=click.Path(), help="YAML file with train config keys."
+)
+@click.option("--cache", help="Training cache directory.")
+@click.option("--eval-cache", help="Held-out cache, evaluated every --eval-every steps.")
+@click.option("--student", help="Student: local Hugging Face causal LM folder (same tokenizer).")
+@click.option("--output", help="Run directory (config, metrics, checkpoints, final student).")
+@click.option(
+    "--kd",
+    type=click.Choice(["fkl", "rkl", "js", "tvd", "sfkl", "srkl", "akl"]),
+    help="KD divergence [fkl].",
+)
+@click.option("--kd-weight", type=float, help="Weight of the KD term [0.5].")
+@click.option("--rank-weight", type=float, help="Weight of the RLKD ranking term [1.0].")
+@click.option("--rank-k", type=int, help="Tokens per side in the ranking union [15].")
+@click.option("--rank-union", type=click.Choice(["censored", "teacher"]), help="[censored]")
+@click.option("--ce-weight", type=float, help="Weight of CE on the actual tokens [0].")
+@click.option("--temperature", type=float, help="KD temperature [1.0].")
+@click.option("--tail", type=click.Choice(["bucket", "renormalize"]), help="Top-k tail [bucket].")
+@click.option("--epochs", type=int, help="Passes over the cache [1].")
+@click.option("--max-steps", type=int, help="Optimizer steps (overrides --epochs).")
+@click.option("--lr", type=float, help="AdamW learning rate [2e-5].")
+@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), help="[cosine]")
+@click.option("--warmup-steps", type=int, help="[0]")
+@click.option("--weight-decay", type=float, help="[0]")
+@click.option("--clip", type=float, help="Max gradient norm, 0 = off [1.0].")
+@click.option("--batch-tokens", type=int, help="Token budget per micro-batch [4096].")
+@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step [1].")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="[fp32]")
+@click.option("--gradient-checkpointing", is_flag=True, default=None, help="Recompute activations.")
+@click.option("--seed", type=int, help="[0]")
+@click.option("--resume", help="auto | never | CHECKPOINT_DIR [auto].")
+@click.option("--eval-every", type=int, help="[100]")
+@click.option("--save-every", type=int, help="[100]")
+@click.option("--keep-last", type=int, help="Checkpoints kept [2].")
+@click.option("--log-every", type=int, help="[10]")
+@click.option("--chunk-size", type=int, help="Positions per LM-head/loss chunk [256].")
+@click.option("--device", help="auto | cpu | cuda | cuda:N [auto].")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train(config_path: str | None, no_progress: bool, **flags: Any) -> None:
+    """Train a student from a cache with KL + the RLKD ranking loss. Prints the final folder."""
+    from rlkd_cache.train.loop import train as run_train
+
+    cfg = load_config(TrainConfig, config_path, **flags)
+    click.echo(str(run_train(cfg, progress=not no_progress)))
 
 
 def main() -> None:

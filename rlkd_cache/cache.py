@@ -27,7 +27,13 @@ from rlkd_cache.data import Prepared, dataset_identity, load_rows, prepare
 from rlkd_cache.default_teacher import default_teacher
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.store import FORMAT_VERSION, codec
-from rlkd_cache.store.fingerprint import fingerprint, folder_sha256, slug, tokenizer_sha256
+from rlkd_cache.store.fingerprint import (
+    fingerprint,
+    folder_sha256,
+    slug,
+    tokenizer_sha256,
+    vocab_sha256,
+)
 from rlkd_cache.store.manifest import FORMAT_NAME, MANIFEST, load_manifest, write_json_atomic
 from rlkd_cache.store.writer import CacheWriter
 from rlkd_cache.teacher import TeacherBackend, make_batches
@@ -184,6 +190,7 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> Path:
             },
             "tokenizer": {
                 "sha256": identity["tokenizer_sha256"],
+                "vocab_sha256": vocab_sha256(tokenizer),
                 "vocab_size": len(tokenizer),
                 "eos_token_id": tokenizer.eos_token_id,
             },

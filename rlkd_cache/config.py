@@ -77,6 +77,29 @@ class CacheConfig:
     """Directory that holds caches (and the converted default teacher)."""
     num_shards_hint: int | None = None
     """Roughly how many shards to write. None: about 200,000 positions per shard."""
+    vllm_tensor_parallel_size: int = 1
+    """vLLM only: GPUs the teacher is split over (vLLM's `tensor_parallel_size`)."""
+    vllm_max_model_len: int | None = None
+    """vLLM only: the engine's context length. A sequence of T tokens needs T + 1 (vLLM
+    counts the one generated token). None: `max_length + 1`, capped at the model's
+    `max_position_embeddings`."""
+    vllm_gpu_memory_utilization: float | None = None
+    """vLLM only: share of the device memory the engine reserves for weights and KV cache.
+    None: 0.9 on a GPU, 0.3 on CPU (there it is a share of the NUMA node's RAM, and the
+    engine's 0.92 default fails to start). `VLLM_CPU_KVCACHE_SPACE` (GiB) also sizes the KV
+    cache on CPU."""
+    vllm_seed: int = 0
+    """vLLM only: the engine's seed (it samples one throwaway token per sequence; the cached
+    prompt log-probs do not depend on it)."""
+    vllm_batch_tokens: int | None = None
+    """vLLM only: tokens the engine runs per step (its `max_num_batched_tokens`; longer
+    prompts are chunked). None: `batch_tokens`. This bounds the memory of prompt log-probs,
+    which vLLM does not count when it sizes its KV cache: about tokens x vocab x 6 B at peak
+    (bf16 logits + fp32 log-probs; ~9 B for an fp32 teacher), for example 8192 tokens x a
+    152k vocab ~ 7.5 GB. Lower it when a big vocabulary runs the engine out of memory."""
+    vllm_engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """vLLM only: extra keyword arguments for `vllm.LLM` (for example `{"enforce_eager":
+    true}`); they override rlkd's choices, except that `max_logprobs` is kept >= top_k."""
 
 
 C = TypeVar("C")
@@ -136,3 +159,59 @@ def load_config(cls: type[C], path: str | None = None, **overrides: Any) -> C:
             raise RlkdError(f"unknown option {key!r}")
         values[key] = _check_type(key, value, hints[key], f"--{key.replace('_', '-')}")
     return cls(**values)
+
+
+@dataclass
+class TrainConfig:
+    """Everything `rlkd train` needs. Loss defaults follow the RLKD authors' scripts:
+    L = L_rank + L_KD / 2 with forward KL (tail bucket), rank k 15, temperature 1, no CE,
+    AdamW at 2e-5 with cosine decay."""
+
+    cache: str = ""
+    """Training cache directory (made by `rlkd cache`)."""
+    student: str = ""
+    """Local Hugging Face causal LM folder whose tokenizer matches the cache's."""
+    output: str = ""
+    """Run directory: resolved config, metrics, checkpoints, final student."""
+    eval_cache: str | None = None
+    """Held-out cache evaluated every `eval_every` steps (KL, top-1 agreement, loss parts)."""
+    kd: Literal["fkl", "rkl", "js", "tvd", "sfkl", "srkl", "akl"] = "fkl"
+    kd_weight: float = 0.5
+    rank_weight: float = 1.0
+    rank_k: int = 15
+    rank_union: Literal["censored", "teacher"] = "censored"
+    ce_weight: float = 0.0
+    temperature: float = 1.0
+    tail: Literal["bucket", "renormalize"] = "bucket"
+    epochs: int = 1
+    """Passes over the cache (ignored when `max_steps` is set)."""
+    max_steps: int | None = None
+    """Optimizer steps to run; None: `epochs` passes."""
+    lr: float = 2e-5
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    """Max gradient norm; 0 disables clipping."""
+    batch_tokens: int = 4096
+    """Token budget of one micro-batch (padding included)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision of the student forward; losses always reduce in fp32."""
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    resume: str = "auto"
+    """"auto": continue from the newest valid checkpoint in `output` (same config only);
+    "never": refuse an output folder that holds a run; or a checkpoint path."""
+    eval_every: int = 100
+    save_every: int = 100
+    keep_last: int = 2
+    """Checkpoints kept (the newest n)."""
+    log_every: int = 10
+    shuffle_buffer: int = 1024
+    """Rows in the reader's shuffle buffer."""
+    chunk_size: int = 256
+    """Positions per chunk of the LM head + loss (peak memory ~ chunk_size x vocab)."""
+    device: str = "auto"
+    """"auto": cuda if available, else cpu."""

@@ -79,6 +79,18 @@ def build_llama(folder: Path, tokenizer, layers: int = 2, seed: int = 0, init: f
     return folder
 
 
+def shallow_copy(teacher: Path, folder: Path, layers: int = 1) -> Path:
+    """A student made of the teacher's embeddings, first `layers` blocks, norm and head."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(teacher).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tokenizer()

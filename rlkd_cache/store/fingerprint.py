@@ -59,6 +59,11 @@ def folder_sha256(folder: Path, memo_file: Path | None = None) -> str:
     return value
 
 
+def vocab_sha256(tokenizer: Any) -> str:
+    """Hash of the vocabulary alone (token -> id): what student and cache must share."""
+    return fingerprint(sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]))
+
+
 def tokenizer_sha256(tokenizer: Any) -> str:
     """Hash of the vocabulary itself (token -> id), the special tokens and the chat template."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])

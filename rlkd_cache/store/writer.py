@@ -107,34 +107,7 @@ class CacheWriter:
         self._pending = still
 
     def _write(self, index: int, block: codec.Block) -> dict[str, Any]:
-        table = codec.encode(block, self.step)
-        mass = float(np.exp(block.topk_logprobs.astype(np.float64)).sum())
-        stats = {
-            "index": index,
-            "rows": len(block),
-            "positions": int(block.pos_off[-1]),
-            "tokens": int(block.tok_off[-1]),
-            "topk_mass_sum": mass,
-        }
-        final = self.dir / shard_name(index)
-        tmp = self.dir / f".{final.name}.{os.getpid()}.tmp"
-        metadata = dict(table.schema.metadata or {})
-        metadata[STATS_KEY] = json.dumps(stats).encode()
-        with pq.ParquetWriter(
-            tmp, table.schema.remove_metadata(), **parquet_options(self.level)
-        ) as w:
-            w.write_table(table.replace_schema_metadata(None), row_group_size=len(block) or 1)
-            w.add_key_value_metadata(metadata)
-        with tmp.open("rb+") as fh:
-            os.fsync(fh.fileno())
-        tmp.replace(final)
-        fsync_dir(self.dir)
-        return {
-            **stats,
-            "name": final.name,
-            "bytes": final.stat().st_size,
-            "sha256": file_sha256(final),
-        }
+        return write_shard(self.dir / shard_name(index), index, block, self.step, self.level)
 
     def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Add the shard list and totals to `manifest` and write it, last and atomically."""
@@ -154,3 +127,34 @@ class CacheWriter:
         }
         write_json_atomic(self.dir / MANIFEST, manifest)
         return manifest
+
+
+def write_shard(
+    final: Path, index: int, block: codec.Block, step: float, level: int = 19
+) -> dict[str, Any]:
+    """Encode `block` and write it atomically as `final` (temp file, fsync, rename)."""
+    table = codec.encode(block, step)
+    mass = float(np.exp(block.topk_logprobs.astype(np.float64)).sum())
+    stats = {
+        "index": index,
+        "rows": len(block),
+        "positions": int(block.pos_off[-1]),
+        "tokens": int(block.tok_off[-1]),
+        "topk_mass_sum": mass,
+    }
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    metadata = dict(table.schema.metadata or {})
+    metadata[STATS_KEY] = json.dumps(stats).encode()
+    with pq.ParquetWriter(tmp, table.schema.remove_metadata(), **parquet_options(level)) as w:
+        w.write_table(table.replace_schema_metadata(None), row_group_size=len(block) or 1)
+        w.add_key_value_metadata(metadata)
+    with tmp.open("rb+") as fh:
+        os.fsync(fh.fileno())
+    tmp.replace(final)
+    fsync_dir(final.parent)
+    return {
+        **stats,
+        "name": final.name,
+        "bytes": final.stat().st_size,
+        "sha256": file_sha256(final),
+    }

@@ -1,0 +1,1 @@
+"""Training students from a cache: the streaming reader, batching, and (next) the loop."""

@@ -1,0 +1,86 @@
+"""Checkpoints: atomic, resumable, no pickled arbitrary objects.
+
+A checkpoint is a folder `checkpoints/step-NNNNNNNN/` with `state.pt` (model, optimizer,
+scheduler and grad-scaler state dicts and RNG states: tensors and plain containers only,
+loaded with `weights_only=True`) and `trainer.json` (step, reader position, metrics). It is
+written to a hidden temp folder, fsynced and renamed, so a folder under its final name is
+complete; the newest `keep_last` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlkd_cache.errors import RlkdError
+from rlkd_cache.store.manifest import fsync_dir
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        with path.open("rb") as fh:
+            os.fsync(fh.fileno())
+    fsync_dir(folder)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, tensors: dict[str, Any], trainer: dict[str, Any], keep_last: int
+) -> Path:
+    """Write checkpoint `step` atomically and prune all but the newest `keep_last`."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".step-{step:08d}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save(tensors, tmp / "state.pt")
+    (tmp / "trainer.json").write_text(json.dumps({**trainer, "step": step}, indent=2))
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    fsync_dir(root)
+    for old in checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp folders of killed writes are ignored)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [
+        p
+        for p in root.glob("step-*")
+        if (p / "trainer.json").is_file() and (p / "state.pt").is_file()
+    ]
+    return sorted(found, key=lambda p: p.name)
+
+
+def load_checkpoint(path: Path, device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensors, trainer state) of a checkpoint folder."""
+    try:
+        tensors = torch.load(path / "state.pt", map_location=device, weights_only=True)
+        trainer = json.loads((path / "trainer.json").read_text())
+    except (OSError, RuntimeError, ValueError) as e:
+        raise RlkdError(f"cannot load checkpoint {path}: {e}") from None
+    return tensors, trainer
