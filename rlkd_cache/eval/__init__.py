@@ -1,0 +1,1 @@
+"""Evaluation of distilled students: alignment metrics against a cached teacher, ROUGE-L."""
