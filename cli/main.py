@@ -89,6 +89,17 @@ def _json_mapping(param: click.Parameter, value: str | None) -> dict[str, Any] |
     type=click.Choice(["all", "response"]),
     help="Which next-token positions to distil [all].",
 )
+@click.option(
+    "--responses",
+    type=click.Choice(["dataset", "teacher"]),
+    help="Cache the dataset's responses, or let the teacher write them [dataset].",
+)
+@click.option("--gen-max-new-tokens", type=int, help="Teacher responses: max new tokens [256].")
+@click.option(
+    "--gen-temperature", type=float, help="Teacher responses: temperature, 0 = greedy [0.7]."
+)
+@click.option("--gen-top-p", type=float, help="Teacher responses: nucleus mass [0.9].")
+@click.option("--gen-seed", type=int, help="Teacher responses: sampling seed [0].")
 @click.option("--top-k", type=int, help="Teacher tokens stored per position [20].")
 @click.option("--max-length", type=int, help="Truncate sequences to this many tokens [1024].")
 @click.option(

@@ -15,7 +15,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from rlkd_cache.config import CacheConfig
 from rlkd_cache.data import Prepared, dataset_identity, load_rows, prepare
 from rlkd_cache.default_teacher import default_teacher
 from rlkd_cache.errors import RlkdError
+from rlkd_cache.responses import RESPONSES, with_teacher_responses
 from rlkd_cache.store import FORMAT_VERSION, codec
 from rlkd_cache.store.fingerprint import (
     fingerprint,
@@ -34,7 +35,13 @@ from rlkd_cache.store.fingerprint import (
     tokenizer_sha256,
     vocab_sha256,
 )
-from rlkd_cache.store.manifest import FORMAT_NAME, MANIFEST, load_manifest, write_json_atomic
+from rlkd_cache.store.manifest import (
+    FORMAT_NAME,
+    MANIFEST,
+    file_sha256,
+    load_manifest,
+    write_json_atomic,
+)
 from rlkd_cache.store.writer import CacheWriter
 from rlkd_cache.teacher import TeacherBackend, make_batches
 from rlkd_cache.teacher.select import make_backend, resolve_backend
@@ -152,7 +159,15 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> Path:
         "logprob_step": cfg.logprob_step,
         "backend": backend_name,
         "dtype": cfg.dtype,
+        "responses": cfg.responses,
     }
+    if cfg.responses == "teacher":
+        identity["generation"] = {
+            "max_new_tokens": cfg.gen_max_new_tokens,
+            "temperature": cfg.gen_temperature,
+            "top_p": cfg.gen_top_p,
+            "seed": cfg.gen_seed,
+        }
     fp = fingerprint(identity)
     name = f"{slug(model.name)}-{slug(data_id['source'])}-k{cfg.top_k}-{fp[:16]}"
     cache_dir = root / name
@@ -161,8 +176,19 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> Path:
         log.info("already cached: %s", cache_dir)
         return cache_dir
     log.info("teacher %s, backend %s (%s)", model, backend_name, why)
-    prepared = prepare(rows, tokenizer, cfg)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    backends: list[TeacherBackend] = []
+
+    def backend() -> TeacherBackend:
+        if not backends:
+            backends.append(make_backend(backend_name, model, cfg))
+        return backends[0]
+
+    if cfg.responses == "teacher":
+        rows = with_teacher_responses(rows, tokenizer, cfg, cache_dir, backend(), progress)
+        if cfg.prompt_field and not cfg.response_field and not cfg.messages_field:
+            cfg = replace(cfg, response_field="response")
+    prepared = prepare(rows, tokenizer, cfg)
     shard_rows = load_plan(cache_dir, fp, prepared, cfg.num_shards_hint)
     starts = np.concatenate([[0], np.cumsum(shard_rows)]).astype(int)
     n_rows = len(prepared.sequences)
@@ -173,10 +199,8 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> Path:
         done_rows = sum(shard_rows[i] for i in done)
         if done:
             log.info("resuming: %d of %d shards already complete", len(done), len(shard_rows))
-        backend = make_backend(backend_name, model, cfg) if todo else None
-        _score(
-            prepared, shard_rows, starts, todo, backend, cfg, writer, n_rows, done_rows, progress
-        )
+        scorer = backend() if todo else None
+        _score(prepared, shard_rows, starts, todo, scorer, cfg, writer, n_rows, done_rows, progress)
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -198,12 +222,13 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> Path:
             "backend": {
                 "name": backend_name,
                 "why": why,
-                "version": backend.version() if backend else "(resumed: no shards left)",
+                "version": backends[0].version() if backends else "(resumed: no shards left)",
             },
             "vocab_size": vocab_size,
             "k": cfg.top_k,
             "logprob_step": cfg.logprob_step,
             "max_logprob_error": cfg.logprob_step / 2,
+            "responses": _responses_entry(cache_dir),
             "skipped": dict(prepared.skipped),
             "truncated": prepared.truncated,
             "rlkd_version": __version__,
@@ -226,6 +251,13 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> Path:
         prepared.truncated,
     )
     return cache_dir
+
+
+def _responses_entry(cache_dir: Path) -> dict[str, Any]:
+    path = cache_dir / RESPONSES
+    if not path.is_file():
+        return {"source": "dataset"}
+    return {"source": "teacher", "file": RESPONSES, "sha256": file_sha256(path)}
 
 
 def _score(

@@ -59,6 +59,17 @@ class CacheConfig:
     """Column with a stable sequence id. None: the row index within the split."""
     template: Template = "auto"
     positions: Positions = "all"
+    responses: Literal["dataset", "teacher"] = "dataset"
+    """Responses to cache: the dataset's, or written by the teacher for each prompt (then
+    saved in the cache as `responses.parquet`, for eval references)."""
+    gen_max_new_tokens: int = 256
+    """Teacher responses: the most tokens generated per prompt."""
+    gen_temperature: float = 0.7
+    """Teacher responses: sampling temperature (0 = greedy)."""
+    gen_top_p: float = 0.9
+    """Teacher responses: nucleus sampling mass."""
+    gen_seed: int = 0
+    """Teacher responses: sampling seed (same seed and batching, same responses)."""
     top_k: int = 20
     """How many of the teacher's most likely next tokens are stored per position."""
     max_length: int = 1024

@@ -7,7 +7,7 @@ the vLLM backend (`vllm.py`) is the fast path on GPUs. Both return exactly the s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -37,6 +37,13 @@ class TeacherBackend(Protocol):
 
     def score(self, batch: list[Sequence], k: int) -> list[TeacherOutput]:
         """Top-k log-probs at each sequence's distilled positions, in the batch's order."""
+        ...
+
+    def generate(
+        self, prompts: list[list[int]], cfg: Any, progress: bool = True
+    ) -> list[list[int]]:
+        """Sampled continuations (token ids, end-of-turn excluded) of tokenized prompts, with
+        `cfg.gen_*` settings (`CacheConfig`), in the prompts' order."""
         ...
 
 

@@ -8,13 +8,14 @@ obviously right; the vLLM backend is tested against it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from rlkd_cache.data import Sequence
 from rlkd_cache.errors import RlkdError
-from rlkd_cache.teacher import TeacherOutput
+from rlkd_cache.teacher import TeacherOutput, make_batches
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,3 +68,48 @@ class HFTeacher:
                 )
             )
         return outputs
+
+    @torch.inference_mode()
+    def generate(
+        self, prompts: list[list[int]], cfg: Any, progress: bool = True
+    ) -> list[list[int]]:
+        """Left-padded batched `model.generate`, seeded per batch; stops at the model's
+        end-of-sequence tokens (its generation config), which are not returned."""
+        from tqdm import tqdm
+
+        gen = self.model.generation_config
+        stop = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+        stop = [t for t in stop if t is not None]
+        pad = stop[0] if stop else 0
+        lengths = [len(p) + cfg.gen_max_new_tokens for p in prompts]
+        out: dict[int, list[int]] = {}
+        bar = tqdm(
+            total=len(prompts), unit="prompt", desc="teacher responses", disable=not progress
+        )
+        for number, batch in enumerate(make_batches(lengths, max(cfg.batch_tokens, max(lengths)))):
+            longest = max(len(prompts[i]) for i in batch)
+            ids = torch.full((len(batch), longest), pad, dtype=torch.long)  # (B, T), left-padded
+            mask = torch.zeros_like(ids)
+            for b, i in enumerate(batch):
+                ids[b, longest - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[b, longest - len(prompts[i]) :] = 1
+            torch.manual_seed(cfg.gen_seed * 1_000_003 + number)
+            sample = cfg.gen_temperature > 0
+            result = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=cfg.gen_max_new_tokens,
+                do_sample=sample,
+                temperature=cfg.gen_temperature if sample else None,
+                top_p=cfg.gen_top_p if sample else None,
+                top_k=None,
+                eos_token_id=stop or None,
+                pad_token_id=pad,
+            )[:, longest:].cpu()  # (B, new)
+            for b, i in enumerate(batch):
+                tokens = result[b].tolist()
+                ends = [j for j, t in enumerate(tokens) if t in stop]
+                out[i] = tokens[: ends[0]] if ends else tokens
+            bar.update(len(batch))
+        bar.close()
+        return [out[i] for i in range(len(prompts))]
