@@ -248,6 +248,66 @@ def train(config_path: str | None, no_progress: bool, **flags: Any) -> None:
     click.echo(str(run_train(cfg, progress=not no_progress)))
 
 
+@app.command("eval")
+@click.argument("runs", nargs=-1, type=click.Path())
+@click.option("--student", help="Model folder, or an `rlkd train` run folder (its final/).")
+@click.option("--cache", "cache_dir", required=True, help="Held-out cache directory.")
+@click.option("--compare", is_flag=True, help="Evaluate the RUNS given side by side and plot them.")
+@click.option("--plot", "plot_path", type=click.Path(), help="--compare: PNG path [compare.png].")
+@click.option(
+    "--generate",
+    help="Also score greedy generations by ROUGE-L: a JSONL file with prompt and response "
+    "fields, or `cache` (the cache's teacher responses as references).",
+)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    help="--generate: new tokens per prompt [128; the teacher's for `cache`].",
+)
+@click.option("--limit", type=click.IntRange(min=1), help="--generate: the first N prompts only.")
+@click.option(
+    "--batch-tokens", type=click.IntRange(min=1), default=4096, help="Tokens per batch [4096]."
+)
+@click.option(
+    "--chunk-size", type=click.IntRange(min=1), default=256, help="Positions per head chunk [256]."
+)
+@click.option("--device", default="auto", help="auto | cpu | cuda | cuda:N [auto].")
+@click.option("--recompute", is_flag=True, help="Ignore results saved in a run's eval.json.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of a table.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def eval_(
+    runs: tuple[str, ...],
+    student: str | None,
+    cache_dir: str,
+    compare: bool,
+    plot_path: str | None,
+    as_json: bool,
+    no_progress: bool,
+    **settings: Any,
+) -> None:
+    """Alignment of a student with a cached teacher (overlap@k, consistency@k, Spearman,
+    Kendall, KL, perplexity; ROUGE-L with --generate), or of several runs with --compare."""
+    from rlkd_cache.eval.compare import compare_runs, render_table
+    from rlkd_cache.eval.run import run_eval
+
+    settings["progress"] = not no_progress
+    if compare:
+        if student or not runs:
+            raise click.UsageError("--compare takes the runs as arguments, not --student")
+        out = compare_runs(runs, cache_dir, plot_path or "compare.png", **settings)
+        table = render_table(out["runs"], [r["label"] for r in out["runs"]])
+        text = f"cache  {out['cache']}\n{table}\nplot: {out['plot']}"
+    else:
+        if runs or plot_path:
+            raise click.UsageError("RUNS and --plot go with --compare")
+        if not student:
+            raise click.UsageError("pass --student (or --compare RUN_A RUN_B ...)")
+        out = run_eval(student, cache_dir, **settings)
+        table = render_table([out], ["value"])
+        text = f"student  {out['student']}\ncache    {out['cache']}\n{table}"
+    click.echo(json.dumps(out, indent=2) if as_json else text)
+
+
 def main() -> None:
     app(prog_name="rlkd")
 

@@ -1,0 +1,213 @@
+"""`rlkd eval`: how closely a student matches a cached teacher on held-out positions.
+
+A deterministic pass over every distilled position of the cache, batched as in training-time
+eval (`train/evaluate.py`): the student's decoder gives the final hidden states at the cached
+positions, and the LM head is applied `chunk_size` positions at a time, so (N, V) logits never
+exist at once. Each chunk of logits goes to `AlignmentMeter` (the metrics of rlkd-method.md);
+the student runs in fp32 with its full LM head, as in training.
+
+The student is a model folder, or an `rlkd train` run folder (its `final/` student). A run
+folder keeps its results in `eval.json`, keyed by the eval cache's fingerprint and stamped with
+the sha256 of the student folder, so `rlkd eval --compare` over many runs only measures what
+changed; `recompute=True` ignores saved results. With `generate`, greedy generations are scored
+by ROUGE-L (`generate.py`); those are never saved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlkd_cache.errors import RlkdError
+from rlkd_cache.eval.generate import check_source, rouge_report
+from rlkd_cache.eval.metrics import AlignmentMeter
+from rlkd_cache.store.fingerprint import folder_sha256
+from rlkd_cache.store.manifest import write_json_atomic
+from rlkd_cache.store.reader import Cache
+from rlkd_cache.train.batching import TokenBatcher
+from rlkd_cache.train.stream import CacheStream
+from rlkd_cache.train.student import check_compatible, hidden_at, lm_head, load_student
+
+log = logging.getLogger("rlkd.eval")
+
+RESULTS = "eval.json"
+"""File in a run folder holding saved results, keyed by cache fingerprint."""
+
+SHA_MEMO = ".eval-sha256-memo.json"
+"""File in a run folder memoizing the student folder's sha256 by file sizes and times."""
+
+RESULTS_VERSION = 1
+"""Bumped when the metrics change meaning, so older saved results are not reused."""
+
+
+def resolve_student(path: str | Path) -> tuple[Path, Path | None]:
+    """(model folder, run folder or None) of `path`: a run folder of `rlkd train` gives its
+    `final/` student; a Hugging Face model folder is used as it is."""
+    folder = Path(path)
+    if (folder / "final" / "config.json").is_file():
+        return folder / "final", folder
+    if (folder / "checkpoints").is_dir() or (folder / "metrics.jsonl").is_file():
+        raise RlkdError(
+            f"{folder} is an `rlkd train` run folder without a final/ student (is training "
+            "finished?): finish the run, or pass a Hugging Face model folder"
+        )
+    if not (folder / "config.json").is_file():
+        raise RlkdError(
+            f"student not found: {path} (expected a Hugging Face model folder or an "
+            "`rlkd train` run folder with final/)"
+        )
+    return folder, None
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` is CUDA when available, else the CPU; anything else is taken as a torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise RlkdError(f"--device {name!r}: {e}") from None
+
+
+@torch.no_grad()
+def alignment(
+    model: Any,
+    cache: Cache,
+    *,
+    batch_tokens: int,
+    chunk_size: int,
+    device: torch.device,
+    progress: bool = False,
+) -> dict[str, float]:
+    """`AlignmentMeter.result()` of `model` over every distilled position of `cache`."""
+    from tqdm import tqdm
+
+    if chunk_size < 1:
+        raise RlkdError(f"--chunk-size must be >= 1, got {chunk_size}")
+    was_training = model.training
+    model.eval()
+    weight, bias = lm_head(model)  # (V, H), (V,) or None
+    meter = AlignmentMeter()
+    total = int(cache.manifest["totals"]["positions"])
+    bar = tqdm(total=total, unit="pos", desc="eval", disable=not progress)
+    batcher = TokenBatcher(CacheStream(cache, seed=0, shuffle_buffer=1), batch_tokens=batch_tokens)
+    for batch in batcher.epoch_batches(0):
+        batch = batch.to(device)
+        hidden = hidden_at(model, batch.input_ids, batch.attention_mask, batch.row, batch.pos)
+        for start in range(0, batch.n_positions, chunk_size):
+            end = start + chunk_size
+            logits = torch.nn.functional.linear(hidden[start:end], weight, bias)  # (n, V)
+            meter.update(
+                logits,
+                batch.topk_ids[start:end],
+                batch.topk_logprobs[start:end],
+                batch.target_ids[start:end],
+            )
+        bar.update(batch.n_positions)
+    bar.close()
+    model.train(was_training)
+    return meter.result()
+
+
+def _saved(run: Path, fingerprint: str, student_sha: str) -> dict[str, Any] | None:
+    """The saved metrics of `run` on the cache `fingerprint`, if they are for this student."""
+    path = run / RESULTS
+    if not path.is_file():
+        return None
+    try:
+        entry = json.loads(path.read_text()).get(fingerprint)
+    except (OSError, ValueError, AttributeError):
+        log.warning("ignoring unreadable %s", path)
+        return None
+    if (
+        not isinstance(entry, dict)
+        or entry.get("version") != RESULTS_VERSION
+        or entry.get("student_sha256") != student_sha
+    ):
+        return None
+    return entry.get("metrics")
+
+
+def _save(run: Path, fingerprint: str, student_sha: str, metrics: dict[str, Any]) -> None:
+    """Add (or replace) this cache's entry in the run's `eval.json`."""
+    path = run / RESULTS
+    try:
+        results = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        results = {}
+    if not isinstance(results, dict):
+        results = {}
+    results[fingerprint] = {
+        "version": RESULTS_VERSION,
+        "student_sha256": student_sha,
+        "metrics": metrics,
+    }
+    write_json_atomic(path, results)
+
+
+def run_eval(
+    student: str | Path,
+    cache_dir: str | Path,
+    *,
+    batch_tokens: int = 4096,
+    chunk_size: int = 256,
+    device: str = "auto",
+    generate: str | None = None,
+    max_new_tokens: int | None = None,
+    limit: int | None = None,
+    recompute: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate `student` (model or run folder) on the cache at `cache_dir`.
+
+    Returns `student` and `cache` (paths), every `AlignmentMeter` key, and with `generate`
+    (a JSONL file or `cache`, see `generate.py`) also `rouge_l` and `generations`.
+    """
+    folder, run = resolve_student(student)
+    cache = Cache(cache_dir)
+    if generate is not None:
+        check_source(generate, cache)
+    fingerprint = cache.manifest.get("fingerprint")
+    student_sha = None
+    if run is not None and fingerprint:
+        student_sha = folder_sha256(folder, memo_file=run / SHA_MEMO)
+    metrics = None
+    if student_sha is not None and not recompute:
+        metrics = _saved(run, fingerprint, student_sha)
+        if metrics is not None:
+            log.info("reusing the saved result in %s", run / RESULTS)
+    target = pick_device(device)
+    model = tokenizer = None
+    if metrics is None or generate is not None:
+        model, tokenizer = load_student(folder, target)
+        check_compatible(cache, tokenizer, model, rank_k=1, label="eval")
+    if metrics is None:
+        metrics = alignment(
+            model,
+            cache,
+            batch_tokens=batch_tokens,
+            chunk_size=chunk_size,
+            device=target,
+            progress=progress,
+        )
+        if student_sha is not None:
+            _save(run, fingerprint, student_sha, metrics)
+    out: dict[str, Any] = {"student": str(folder), "cache": str(cache.dir), **metrics}
+    if generate is not None:
+        report = rouge_report(
+            model,
+            tokenizer,
+            generate,
+            cache,
+            max_new_tokens=max_new_tokens,
+            limit=limit,
+            batch_tokens=batch_tokens,
+            device=target,
+            progress=progress,
+        )
+        out.update(report)
+    return out
