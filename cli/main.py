@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -306,6 +307,20 @@ def eval_(
         table = render_table([out], ["value"])
         text = f"student  {out['student']}\ncache    {out['cache']}\n{table}"
     click.echo(json.dumps(out, indent=2) if as_json else text)
+
+
+@app.command("run")
+@click.argument("recipe", type=click.Path())
+@click.option("--set", "sets", multiple=True, help="Override a recipe key: section.key=value.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def run(recipe: str, sets: tuple[str, ...], no_progress: bool) -> None:
+    """Run a recipe (pipelines/*.yaml): cache, build the student, train every arm, evaluate."""
+    from rlkd_cache.pipeline import run_recipe
+
+    summary = run_recipe(recipe, sets, progress=not no_progress)
+    click.echo(summary["table"])
+    click.echo(f"results: {Path(summary['plot']).parent / 'results.json'}")
+    click.echo(f"plot: {summary['plot']}")
 
 
 def main() -> None:

@@ -1,0 +1,214 @@
+"""`rlkd run RECIPE.yaml`: a whole distillation experiment from one file.
+
+A recipe names the teacher and data once (`cache:`, with a training and a held-out split),
+how the student starts (`student:` layers taken from the teacher, or a folder), the training
+settings shared by every run (`train:`), the arms that differ (`arms:` name -> train
+overrides) and the seeds. The runner caches both splits (reused when already cached), builds
+the student, trains every arm x seed (a finished run is reused), evaluates each run and the
+starting student on the held-out cache, and prints a table (mean ± std over seeds when there
+are several). Everything lands under `output:`; `results.json` holds every number.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlkd_cache.cache import resolve_model, run_cache
+from rlkd_cache.config import CacheConfig, TrainConfig, load_config
+from rlkd_cache.errors import RlkdError
+from rlkd_cache.eval.compare import plot, render_table
+from rlkd_cache.eval.run import run_eval
+from rlkd_cache.store.manifest import write_json_atomic
+from rlkd_cache.train.loop import NOT_RUN_DEFINING, train
+from rlkd_cache.train.student_init import shallow_student
+
+log = logging.getLogger("rlkd.pipeline")
+
+REPORTED = (
+    "overlap@1",
+    "overlap@5",
+    "overlap@20",
+    "consistency@1",
+    "consistency@3",
+    "spearman",
+    "kendall",
+    "kl",
+    "ppl",
+    "rouge_l",
+)
+"""Metrics in the summary table (every metric is in results.json)."""
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe file (see the module docstring and pipelines/*.yaml)."""
+
+    output: str
+    cache: dict[str, Any]
+    splits: dict[str, str]
+    student: dict[str, Any]
+    train: dict[str, Any] = field(default_factory=dict)
+    arms: dict[str, dict[str, Any]] = field(default_factory=lambda: {"rlkd": {}})
+    seeds: list[int] = field(default_factory=lambda: [0])
+    eval: dict[str, Any] = field(default_factory=dict)
+    name: str = "experiment"
+
+
+def set_key(tree: dict[str, Any], dotted: str) -> None:
+    """Apply one `a.b.c=value` override (value parsed as YAML) to a nested mapping."""
+    if "=" not in dotted:
+        raise RlkdError(f"--set {dotted!r}: expected KEY=VALUE, for example train.max_steps=10")
+    key, raw = dotted.split("=", 1)
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RlkdError(f"--set {dotted!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_recipe(path: str | Path, sets: Sequence[str] = ()) -> Recipe:
+    """Read a recipe, apply `--set` overrides, and check every key against the stage configs."""
+    try:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise RlkdError(f"recipe not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise RlkdError(f"{path}: not valid YAML ({e})") from None
+    for dotted in sets:
+        set_key(tree, dotted)
+    try:
+        recipe = Recipe(**tree)
+    except TypeError as e:
+        raise RlkdError(
+            f"{path}: {e} (expected keys: {sorted(Recipe.__dataclass_fields__)})"
+        ) from None
+    if set(recipe.splits) != {"train", "eval"}:
+        raise RlkdError(
+            f"{path}: splits must name exactly `train` and `eval`, got {sorted(recipe.splits)}"
+        )
+    _check(CacheConfig, recipe.cache, f"{path}: cache")
+    for arm, overrides in recipe.arms.items():
+        if not isinstance(arm, str) or "/" in arm:
+            raise RlkdError(f"{path}: arm names must be plain names, got {arm!r}")
+        _check(TrainConfig, {**recipe.train, **(overrides or {})}, f"{path}: train/arm {arm}")
+    return recipe
+
+
+def _check(cls: type, values: dict[str, Any], where: str) -> None:
+    """Fail naming the recipe section on unknown keys or bad values."""
+    names = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+    for key in values:
+        if key not in names:
+            raise RlkdError(f"{where}: unknown key {key!r}; expected one of {sorted(names)}")
+    try:
+        load_config(cls, None, **values)
+    except RlkdError as e:
+        raise RlkdError(f"{where}: {e}") from None
+
+
+def build_student(recipe: Recipe, teacher: Path, out: Path) -> Path:
+    """The starting student: a folder given as `student.path`, or teacher layers."""
+    if "path" in recipe.student:
+        return Path(recipe.student["path"])
+    layers = [int(i) for i in recipe.student.get("layers", [])]
+    folder = out / "students" / ("layers-" + "-".join(map(str, layers)))
+    if (folder / "config.json").is_file():
+        log.info("reusing the student %s", folder)
+        return folder
+    log.info("building the student from teacher layers %s", layers)
+    return shallow_student(teacher, layers, folder)
+
+
+def finished(cfg: TrainConfig) -> bool:
+    """A run folder that already holds this run's final student."""
+    run = Path(cfg.output)
+    if not (run / "final" / "config.json").is_file() or not (run / "config.json").is_file():
+        return False
+    saved = json.loads((run / "config.json").read_text())
+    return all(saved.get(k) == v for k, v in asdict(cfg).items() if k not in NOT_RUN_DEFINING) and (
+        saved.get("max_steps") == cfg.max_steps and saved.get("epochs") == cfg.epochs
+    )
+
+
+def summarize(results: dict[str, list[dict[str, Any]]]) -> str:
+    """Markdown table: one row per arm, mean ± std over seeds for each reported metric."""
+    names = [m for m in REPORTED if any(m in r for runs in results.values() for r in runs)]
+    lines = ["| arm | seeds | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for arm, runs in results.items():
+        cells = []
+        for name in names:
+            values = [r[name] for r in runs if name in r]
+            if not values:
+                cells.append("-")
+            elif len(values) == 1:
+                cells.append(f"{values[0]:.4f}")
+            else:
+                cells.append(f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}")
+        lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_recipe(path: str | Path, sets: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
+    """Run a recipe end to end; return (and save as results.json) every number."""
+    recipe = load_recipe(path, sets)
+    out = Path(recipe.output)
+    out.mkdir(parents=True, exist_ok=True)
+    common = load_config(CacheConfig, None, **recipe.cache)
+    teacher = resolve_model(common)
+    caches = {}
+    for split_name, split in recipe.splits.items():
+        log.info("caching the %s split (%s)", split_name, split)
+        cfg = load_config(CacheConfig, None, **{**recipe.cache, "split": split})
+        caches[split_name] = run_cache(cfg, progress=progress)
+    student = build_student(recipe, teacher, out)
+    evaluation = {"batch_tokens": 4096, "chunk_size": 256, **recipe.eval, "progress": progress}
+    baseline = run_eval(student, caches["eval"], **evaluation)
+    results: dict[str, list[dict[str, Any]]] = {"start": [baseline]}
+    for arm, overrides in recipe.arms.items():
+        results[arm] = []
+        for seed in recipe.seeds:
+            run_dir = out / "runs" / f"{arm}-seed{seed}"
+            cfg = load_config(
+                TrainConfig,
+                None,
+                **{
+                    **recipe.train,
+                    **(overrides or {}),
+                    "seed": seed,
+                    "cache": str(caches["train"]),
+                    "eval_cache": str(caches["eval"]),
+                    "student": str(student),
+                    "output": str(run_dir),
+                },
+            )
+            if finished(cfg):
+                log.info("already trained: %s", run_dir)
+            else:
+                log.info("training %s (seed %d)", arm, seed)
+                train(cfg, progress=progress)
+            results[arm].append({**run_eval(run_dir, caches["eval"], **evaluation), "seed": seed})
+    firsts = [runs[0] for runs in results.values()]
+    table = render_table(firsts, list(results))
+    if len(recipe.seeds) > 1:
+        table += "\n\nmean ± std over seeds " + str(recipe.seeds) + ":\n" + summarize(results)
+    picture = plot(firsts, list(results), out / "compare.png")
+    summary = {
+        "recipe": str(path),
+        "caches": {k: str(v) for k, v in caches.items()},
+        "student": str(student),
+        "results": results,
+        "table": table,
+        "plot": str(picture),
+    }
+    write_json_atomic(out / "results.json", summary)
+    return summary
