@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench
+.PHONY: install demo ablation test lint bench
 
 install: $(VENV)/.installed
 
@@ -21,8 +21,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/rlkd cache
-	$(BIN)/rlkd ls
+	$(BIN)/rlkd run pipelines/demo.yaml
+
+ablation: install
+	$(BIN)/rlkd run pipelines/ablation.yaml
 
 test: install lint
 	$(BIN)/python -m pytest -q
@@ -33,4 +35,7 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/store.py
-	$(BIN)/python benchmarks/cache_throughput.py --backend hf
+	$(BIN)/python benchmarks/loss_memory.py
+	$(BIN)/python benchmarks/loader.py
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/cache_throughput.py --backend both
