@@ -22,7 +22,7 @@ from rlkd_cache.errors import RlkdError
 from rlkd_cache.eval.metrics import mean_rouge_l
 from rlkd_cache.responses import RESPONSES
 from rlkd_cache.store.reader import Cache
-from rlkd_cache.teacher import make_batches
+from rlkd_cache.teacher.hf import generate_tokens
 
 DEFAULT_MAX_NEW_TOKENS = 128
 """New tokens per generation, unless the references are the cache's own teacher generations
@@ -77,7 +77,6 @@ def load_prompts(source: str, cache: Cache, tokenizer: Any) -> list[tuple[str, s
     ]
 
 
-@torch.inference_mode()
 def greedy_generate(
     model: Any,
     tokenizer: Any,
@@ -89,42 +88,15 @@ def greedy_generate(
     progress: bool = False,
 ) -> list[str]:
     """Greedy continuation of each rendered prompt (end-of-sequence excluded), in order."""
-    from tqdm import tqdm
-
-    gen = model.generation_config
-    stop = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
-    stop = [t for t in stop if t is not None]
-    pad = stop[0] if stop else 0
     ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompts]
-    lengths = [len(p) + max_new_tokens for p in ids]
-    out: dict[int, str] = {}
-    bar = tqdm(total=len(ids), unit="prompt", desc="generate", disable=not progress)
-    for batch in make_batches(lengths, max([batch_tokens, *lengths])):
-        longest = max(len(ids[i]) for i in batch)
-        inputs = torch.full((len(batch), longest), pad, dtype=torch.long)  # (B, T), left-padded
-        mask = torch.zeros_like(inputs)  # (B, T)
-        for b, i in enumerate(batch):
-            inputs[b, longest - len(ids[i]) :] = torch.tensor(ids[i])
-            mask[b, longest - len(ids[i]) :] = 1
-        result = model.generate(
-            input_ids=inputs.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            eos_token_id=stop or None,
-            pad_token_id=pad,
-        )[:, longest:].cpu()  # (B, new)
-        for b, i in enumerate(batch):
-            tokens = result[b].tolist()
-            ends = [j for j, t in enumerate(tokens) if t in stop]
-            kept = tokens[: ends[0]] if ends else tokens
-            out[i] = tokenizer.decode(kept, skip_special_tokens=True).strip()
-        bar.update(len(batch))
-    bar.close()
-    return [out[i] for i in range(len(ids))]
+    tokens = generate_tokens(
+        model.to(device),
+        ids,
+        max_new_tokens=max_new_tokens,
+        batch_tokens=batch_tokens,
+        progress=progress,
+    )
+    return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
 
 def rouge_report(

@@ -69,47 +69,73 @@ class HFTeacher:
             )
         return outputs
 
-    @torch.inference_mode()
     def generate(
         self, prompts: list[list[int]], cfg: Any, progress: bool = True
     ) -> list[list[int]]:
-        """Left-padded batched `model.generate`, seeded per batch; stops at the model's
-        end-of-sequence tokens (its generation config), which are not returned."""
-        from tqdm import tqdm
-
-        gen = self.model.generation_config
-        stop = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
-        stop = [t for t in stop if t is not None]
-        pad = stop[0] if stop else 0
-        lengths = [len(p) + cfg.gen_max_new_tokens for p in prompts]
-        out: dict[int, list[int]] = {}
-        bar = tqdm(
-            total=len(prompts), unit="prompt", desc="teacher responses", disable=not progress
+        """Sampled continuations with `cfg.gen_*` settings (see `generate_tokens`)."""
+        return generate_tokens(
+            self.model,
+            prompts,
+            max_new_tokens=cfg.gen_max_new_tokens,
+            batch_tokens=cfg.batch_tokens,
+            temperature=cfg.gen_temperature,
+            top_p=cfg.gen_top_p,
+            seed=cfg.gen_seed,
+            desc="teacher responses",
+            progress=progress,
         )
-        for number, batch in enumerate(make_batches(lengths, max(cfg.batch_tokens, max(lengths)))):
-            longest = max(len(prompts[i]) for i in batch)
-            ids = torch.full((len(batch), longest), pad, dtype=torch.long)  # (B, T), left-padded
-            mask = torch.zeros_like(ids)
-            for b, i in enumerate(batch):
-                ids[b, longest - len(prompts[i]) :] = torch.tensor(prompts[i])
-                mask[b, longest - len(prompts[i]) :] = 1
-            torch.manual_seed(cfg.gen_seed * 1_000_003 + number)
-            sample = cfg.gen_temperature > 0
-            result = self.model.generate(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                max_new_tokens=cfg.gen_max_new_tokens,
-                do_sample=sample,
-                temperature=cfg.gen_temperature if sample else None,
-                top_p=cfg.gen_top_p if sample else None,
-                top_k=None,
-                eos_token_id=stop or None,
-                pad_token_id=pad,
-            )[:, longest:].cpu()  # (B, new)
-            for b, i in enumerate(batch):
-                tokens = result[b].tolist()
-                ends = [j for j, t in enumerate(tokens) if t in stop]
-                out[i] = tokens[: ends[0]] if ends else tokens
-            bar.update(len(batch))
-        bar.close()
-        return [out[i] for i in range(len(prompts))]
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: Any,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    desc: str = "generate",
+    progress: bool = False,
+) -> list[list[int]]:
+    """Continuations of tokenized prompts with `model.generate`, in the prompts' order: batched
+    by token budget with left padding, greedy at temperature 0, else sampled with a seed per
+    batch; stops at the model's end-of-sequence tokens (its generation config), not returned."""
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    gen = model.generation_config
+    stop = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    stop = [t for t in stop if t is not None]
+    pad = stop[0] if stop else 0
+    lengths = [len(p) + max_new_tokens for p in prompts]
+    out: dict[int, list[int]] = {}
+    bar = tqdm(total=len(prompts), unit="prompt", desc=desc, disable=not progress)
+    for number, batch in enumerate(make_batches(lengths, max([batch_tokens, *lengths]))):
+        longest = max(len(prompts[i]) for i in batch)
+        ids = torch.full((len(batch), longest), pad, dtype=torch.long)  # (B, T), left-padded
+        mask = torch.zeros_like(ids)  # (B, T)
+        for b, i in enumerate(batch):
+            ids[b, longest - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[b, longest - len(prompts[i]) :] = 1
+        torch.manual_seed(seed * 1_000_003 + number)
+        sample = temperature > 0
+        result = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=top_p if sample else None,
+            top_k=None,
+            eos_token_id=stop or None,
+            pad_token_id=pad,
+        )[:, longest:].cpu()  # (B, new)
+        for b, i in enumerate(batch):
+            tokens = result[b].tolist()
+            ends = [j for j, t in enumerate(tokens) if t in stop]
+            out[i] = tokens[: ends[0]] if ends else tokens
+        bar.update(len(batch))
+    bar.close()
+    return [out[i] for i in range(len(prompts))]
