@@ -309,6 +309,45 @@ def eval_(
     click.echo(json.dumps(out, indent=2) if as_json else text)
 
 
+@app.command("init-student")
+@click.option("--teacher", help="Teacher folder [the embedded default teacher].")
+@click.option("--layers", help="Teacher decoder layers to keep, e.g. 0,10,20,29.")
+@click.option("--random", "random_layers", type=int, help="Random init with this many layers.")
+@click.option("--hidden", type=int, help="With --random: hidden width [the teacher's].")
+@click.option("--heads", type=int, help="With --random: attention heads [the teacher's].")
+@click.option("--seed", type=int, default=0, help="With --random: init seed [0].")
+@click.option("--output", required=True, help="Folder to write the student to.")
+@click.option("--cache-root", default=None, help="Where the default teacher is converted.")
+def init_student(
+    teacher: str | None,
+    layers: str | None,
+    random_layers: int | None,
+    hidden: int | None,
+    heads: int | None,
+    seed: int,
+    output: str,
+    cache_root: str | None,
+) -> None:
+    """Build a student with the teacher's tokenizer: some of its layers, or a random init."""
+    from rlkd_cache.default_teacher import default_teacher
+    from rlkd_cache.train.student_init import random_student, shallow_student
+
+    if (layers is None) == (random_layers is None):
+        raise RlkdError("pass exactly one of --layers (teacher layers) or --random N (random init)")
+    source = teacher or str(default_teacher(cache_root or default_cache_root()))
+    if layers is not None:
+        try:
+            kept = [int(i) for i in layers.split(",")]
+        except ValueError:
+            raise RlkdError(f"--layers {layers!r}: expected comma-separated integers") from None
+        folder = shallow_student(source, kept, output)
+    else:
+        folder = random_student(
+            source, output, layers=random_layers, hidden=hidden, heads=heads, seed=seed
+        )
+    click.echo(str(folder))
+
+
 @app.command("run")
 @click.argument("recipe", type=click.Path())
 @click.option("--set", "sets", multiple=True, help="Override a recipe key: section.key=value.")

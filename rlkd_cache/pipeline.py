@@ -28,7 +28,7 @@ from rlkd_cache.eval.compare import plot, render_table
 from rlkd_cache.eval.run import run_eval
 from rlkd_cache.store.manifest import write_json_atomic
 from rlkd_cache.train.loop import NOT_RUN_DEFINING, train
-from rlkd_cache.train.student_init import shallow_student
+from rlkd_cache.train.student_init import random_student, shallow_student
 
 log = logging.getLogger("rlkd.pipeline")
 
@@ -117,9 +117,18 @@ def _check(cls: type, values: dict[str, Any], where: str) -> None:
 
 
 def build_student(recipe: Recipe, teacher: Path, out: Path) -> Path:
-    """The starting student: a folder given as `student.path`, or teacher layers."""
+    """The starting student: a folder (`student.path`), a random init (`student.random`:
+    layers, hidden, heads, seed), or the teacher's own layers (`student.layers`)."""
     if "path" in recipe.student:
         return Path(recipe.student["path"])
+    if "random" in recipe.student:  # {layers: N, hidden: H, heads: A, seed: S}
+        shape = dict(recipe.student["random"])
+        folder = (
+            out / "students" / ("random-" + "-".join(f"{k}{v}" for k, v in sorted(shape.items())))
+        )
+        if (folder / "config.json").is_file():
+            return folder
+        return random_student(teacher, folder, **shape)
     layers = [int(i) for i in recipe.student.get("layers", [])]
     folder = out / "students" / ("layers-" + "-".join(map(str, layers)))
     if (folder / "config.json").is_file():

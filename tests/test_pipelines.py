@@ -87,3 +87,17 @@ def test_demo_recipe_smoke_run(tiny_teacher, tmp_path):
         final.stat().st_mtime_ns,
         (out / "students" / "layers-0" / "config.json").stat().st_mtime_ns,
     ] == mtimes
+
+
+def test_recipe_student_can_be_random(tiny_teacher, tmp_path):
+    from transformers import AutoConfig
+
+    from rlkd_cache.pipeline import build_student
+
+    recipe = load_recipe(
+        REPO / "pipelines" / "demo.yaml", ["student={random: {layers: 1, hidden: 64, heads: 1}}"]
+    )
+    folder = build_student(recipe, tiny_teacher, tmp_path)
+    config = AutoConfig.from_pretrained(folder)
+    assert config.num_hidden_layers == 1 and config.hidden_size == 64
+    assert build_student(recipe, tiny_teacher, tmp_path) == folder  # reused

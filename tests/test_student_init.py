@@ -54,3 +54,71 @@ def test_all_layers_kept_gives_the_teachers_logits(tiny_teacher, tmp_path):
 def test_bad_layer_lists_are_refused(tiny_teacher, tmp_path, layers):
     with pytest.raises(RlkdError, match="strictly increasing"):
         shallow_student(tiny_teacher, layers, tmp_path / "student")
+
+
+def test_random_student_has_the_asked_shape_and_the_teachers_tokenizer(deep_teacher, tmp_path):
+    from rlkd_cache.train.student_init import random_student
+
+    folder = random_student(deep_teacher, tmp_path / "random", layers=1, hidden=64, heads=1, seed=3)
+    student = AutoModelForCausalLM.from_pretrained(folder)
+    assert student.config.num_hidden_layers == 1 and student.config.hidden_size == 64
+    assert student.config.head_dim == 64 and student.config.vocab_size == len(
+        AutoTokenizer.from_pretrained(deep_teacher)
+    )
+    again = AutoModelForCausalLM.from_pretrained(
+        random_student(deep_teacher, tmp_path / "again", layers=1, hidden=64, heads=1, seed=3)
+    )
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(student.state_dict().values(), again.state_dict().values(), strict=True)
+    )
+    with pytest.raises(RlkdError, match="multiple of"):
+        random_student(deep_teacher, tmp_path / "bad", layers=1, hidden=65)
+
+
+def test_init_student_command(deep_teacher, tmp_path):
+    from click.testing import CliRunner
+
+    from rlkd_cli.main import app
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "init-student",
+            "--teacher",
+            str(deep_teacher),
+            "--layers",
+            "0,2",
+            "--output",
+            str(tmp_path / "s"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "s").config.num_hidden_layers == 2
+    result = CliRunner().invoke(
+        app,
+        [
+            "init-student",
+            "--teacher",
+            str(deep_teacher),
+            "--random",
+            "3",
+            "--output",
+            str(tmp_path / "r"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "r").config.num_hidden_layers == 3
+    bad = CliRunner().invoke(
+        app,
+        [
+            "init-student",
+            "--teacher",
+            str(deep_teacher),
+            "--layers",
+            "0,9",
+            "--output",
+            str(tmp_path / "x"),
+        ],
+    )
+    assert bad.exit_code == 1 and "strictly increasing indices in [0, 4)" in bad.stderr

@@ -53,3 +53,49 @@ def shallow_student(teacher_dir: str | Path, layers: list[int], out_dir: str | P
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(str(teacher_dir)).save_pretrained(out)
     return out
+
+
+def random_student(
+    teacher_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    layers: int,
+    hidden: int | None = None,
+    heads: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised student of the teacher's family and tokenizer.
+
+    The config is the teacher's with `layers` decoder layers and, if given, `hidden` width
+    (intermediate size scaled alike) and `heads` attention heads (KV heads capped to it).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(str(teacher_dir))
+    if layers < 1:
+        raise RlkdError(f"a student needs at least one layer, got {layers}")
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[:layers]
+    if hidden is not None:
+        scale = hidden / config.hidden_size
+        config.intermediate_size = max(1, round(config.intermediate_size * scale))
+        config.hidden_size = hidden
+    if heads is not None:
+        config.num_attention_heads = heads
+        config.num_key_value_heads = min(heads, getattr(config, "num_key_value_heads", heads))
+    head_dim = getattr(config, "head_dim", None)
+    if (hidden is not None or heads is not None) and head_dim is not None:
+        config.head_dim = config.hidden_size // config.num_attention_heads
+    if config.hidden_size % config.num_attention_heads:
+        raise RlkdError(
+            f"hidden {config.hidden_size} must be a multiple of the {config.num_attention_heads} "
+            "attention heads (pass --heads)"
+        )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(teacher_dir)).save_pretrained(out)
+    return out
