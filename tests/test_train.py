@@ -233,3 +233,37 @@ def test_non_finite_loss_stops_naming_step_and_part(caches, student, tmp_path):
     assert "non-finite" in result.stderr and "at step" in result.stderr
     assert "last good checkpoint is" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_gradient_checkpointing_gives_the_same_weights(caches, student, tmp_path):
+    over = {"max_steps": 3, "eval_cache": None, "save_every": 100}
+    plain = train(config(caches, student, tmp_path / "plain", **over), progress=False)
+    ckpt = train(
+        config(caches, student, tmp_path / "ckpt", gradient_checkpointing=True, **over),
+        progress=False,
+    )
+    wa, wb = load_file(plain / "model.safetensors"), load_file(ckpt / "model.safetensors")
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], atol=1e-5), name
+
+
+def test_bf16_autocast_trains_with_finite_losses(caches, student, tmp_path):
+    final = train(
+        config(
+            caches,
+            student,
+            tmp_path / "bf16",
+            max_steps=3,
+            precision="bf16",
+            eval_cache=None,
+            log_every=1,
+        ),
+        progress=False,
+    )
+    records = [
+        json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()
+    ]
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    start, end = load_file(student / "model.safetensors"), load_file(final / "model.safetensors")
+    assert any(not torch.equal(start[n], end[n]) for n in end)
