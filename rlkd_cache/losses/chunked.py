@@ -16,6 +16,7 @@ Reduction: every part is a SUM over unmasked positions, returned with their coun
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, get_args
@@ -24,9 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlkd_cache.losses.kl import KDKind, TailMode, cross_entropy_loss, kd_loss
+from rlkd_cache.losses.kl import (
+    KDKind,
+    TailMode,
+    category_log_probs,
+    cross_entropy_from_kd,
+    cross_entropy_loss,
+    divergence,
+)
 from rlkd_cache.losses.ranking import UnionMode, rlkd_rank_loss
-from rlkd_cache.losses.reduction import position_mask
+from rlkd_cache.losses.reduction import masked_sum, position_mask
 
 
 @dataclass(frozen=True)
@@ -120,33 +128,51 @@ class LossSums:
 
 
 def _part_sums(
-    logits: Tensor, teacher: TeacherTopK, keep: Tensor, cfg: LossConfig
+    logits: Tensor,
+    teacher: TeacherTopK,
+    keep: Tensor,
+    cfg: LossConfig,
+    total_grad_only: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The three loss sums for some positions, from their logits. (C, V) -> three () tensors."""
-    kd = kd_loss(
-        logits,
-        teacher.topk_ids,
-        teacher.topk_logprobs,
-        keep,
-        kind=cfg.kd,
-        tail=cfg.tail,
-        temperature=cfg.temperature,
-        jsd_beta=cfg.jsd_beta,
-        skew_alpha=cfg.skew_alpha,
-        akl_mu=cfg.akl_mu,
-    )
-    rank = rlkd_rank_loss(
-        logits,
-        teacher.topk_ids,
-        teacher.topk_logprobs,
-        teacher.target_ids,
-        teacher.target_logprobs,
-        keep,
-        rank_k=cfg.rank_k,
-        union=cfg.rank_union,
-        strength=cfg.rank_strength,
-    )
-    ce = cross_entropy_loss(logits, teacher.target_ids, keep)
+    """The three loss sums for some positions, from their logits. (C, V) -> three () tensors.
+
+    With `total_grad_only`, only the weighted total's gradient is wanted, so each (C, V)
+    pass that adds nothing to it is skipped: a part of weight 0 is computed without a graph,
+    the ranking loss gives a sparse gradient (C x 2 rank_k entries) instead of a dense one, and
+    a CE of weight 0 is read off the KD term's log-normalizer when they share it (tail bucket,
+    temperature 1; see `cross_entropy_from_kd`).
+    """
+
+    def graph(weight: float) -> Any:
+        return torch.no_grad() if total_grad_only and not weight else contextlib.nullcontext()
+
+    with graph(cfg.kd_weight):
+        lp, lq = category_log_probs(
+            logits, teacher.topk_ids, teacher.topk_logprobs, cfg.tail, cfg.temperature
+        )  # (C, k+1) each
+        per_position = divergence(
+            lp, lq, cfg.kd, jsd_beta=cfg.jsd_beta, skew_alpha=cfg.skew_alpha, akl_mu=cfg.akl_mu
+        )  # (C,)
+        kd = masked_sum(per_position, keep)
+    with graph(cfg.rank_weight):
+        rank = rlkd_rank_loss(
+            logits,
+            teacher.topk_ids,
+            teacher.topk_logprobs,
+            teacher.target_ids,
+            teacher.target_logprobs,
+            keep,
+            rank_k=cfg.rank_k,
+            union=cfg.rank_union,
+            strength=cfg.rank_strength,
+            sparse_grad=total_grad_only,
+        )
+    if total_grad_only and not cfg.ce_weight and cfg.tail == "bucket" and cfg.temperature == 1:
+        with torch.no_grad():
+            ce = cross_entropy_from_kd(logits, teacher.topk_ids, lq, teacher.target_ids, keep)
+    else:
+        with graph(cfg.ce_weight):
+            ce = cross_entropy_loss(logits, teacher.target_ids, keep)
     return kd.total, rank.total, ce.total
 
 
@@ -172,6 +198,7 @@ class _ChunkedObjective(torch.autograd.Function):
         keep: Tensor,
         cfg: LossConfig,
         chunk_size: int,
+        matmul_dtype: torch.dtype | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         any_grad = need_hidden or need_weight or need_bias
@@ -179,26 +206,37 @@ class _ChunkedObjective(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if need_weight else None  # (V, H)
         grad_bias = torch.zeros_like(bias) if need_bias and bias is not None else None  # (V,)
         sums = torch.zeros(3, device=hidden.device)  # kd, rank, ce
+        dtype = matmul_dtype or weight.dtype
+        w = weight.to(dtype)  # (V, H) the weight itself unless matmul_dtype differs
+        b = None if bias is None else bias.to(dtype)  # (V,)
         for start in range(0, hidden.shape[0], chunk_size):
             stop = min(start + chunk_size, hidden.shape[0])
-            chunk = hidden[start:stop]  # (C, H)
-            logits = F.linear(chunk, weight, bias).float()  # (C, V)
+            chunk = hidden[start:stop].to(dtype)  # (C, H)
+            logits = F.linear(chunk, w, b).float()  # (C, V) every loss in fp32
             with torch.enable_grad():
                 logits.requires_grad_(any_grad)
-                parts = _part_sums(logits, teacher.rows(start, stop), keep[start:stop], cfg)
-                if any_grad:
-                    (grad_logits,) = torch.autograd.grad(_weighted(*parts, cfg), logits)
+                rows = teacher.rows(start, stop)
+                parts = _part_sums(logits, rows, keep[start:stop], cfg, total_grad_only=True)
+                total = _weighted(*parts, cfg)
+                if any_grad and total.requires_grad:
+                    (grad_logits,) = torch.autograd.grad(total, logits)  # (C, V)
+                    if grad_logits.is_sparse:  # only the ranking loss's sparse gradient
+                        grad_logits = grad_logits.to_dense()
+                elif any_grad:  # every weight is 0
+                    grad_logits = torch.zeros_like(logits)  # (C, V)
             sums += torch.stack(parts).detach()
             del logits  # free the chunk's logits before the next chunk's
             if not any_grad:
                 continue
-            grad_logits = grad_logits.to(weight.dtype)  # (C, V)
-            if grad_hidden is not None:
-                grad_hidden[start:stop] = grad_logits @ weight  # (C, H)
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T, chunk)  # (V, H)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)  # (V,)
+            grad_logits = grad_logits.to(dtype)  # (C, V)
+            if grad_hidden is not None:
+                grad_hidden[start:stop] = grad_logits @ w  # (C, H)
+            if grad_weight is not None and dtype == grad_weight.dtype:
+                grad_weight.addmm_(grad_logits.T, chunk)  # (V, H)
+            elif grad_weight is not None:
+                grad_weight += grad_logits.T @ chunk  # (V, H) product in dtype, sum in weight's
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         kd, rank, ce = sums.unbind()
         ctx.mark_non_differentiable(kd, rank, ce)
@@ -207,7 +245,7 @@ class _ChunkedObjective(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_total: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         grads = [grad if grad is None else grad.mul_(grad_total) for grad in ctx.saved_tensors]
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def distill_loss(
@@ -219,6 +257,7 @@ def distill_loss(
     cfg: LossConfig,
     *,
     chunk_size: int = 256,
+    matmul_dtype: torch.dtype | None = None,
 ) -> LossSums:
     """The full objective from the student's last hidden states, `chunk_size` positions at a time.
 
@@ -233,6 +272,10 @@ def distill_loss(
         mask: (N,) bool, False = ignore the position; None = all positions.
         cfg: which losses and how they are weighted.
         chunk_size: positions per chunk; peak memory grows with chunk_size x V.
+        matmul_dtype: dtype of the LM-head matmuls (the logits and both gradient products),
+            e.g. torch.bfloat16 to match a bf16-autocast student; None = the weight's dtype.
+            The logits are upcast to fp32 before every loss, and the gradients are kept in
+            the dtypes of hidden, weight and bias.
 
     Returns:
         Per-part sums, the weighted total and the count of unmasked positions.
@@ -241,7 +284,7 @@ def distill_loss(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     keep = position_mask(mask, hidden.shape[0], hidden.device)  # (N,)
     total, kd, rank, ce = _ChunkedObjective.apply(
-        hidden, weight, bias, teacher, keep, cfg, chunk_size
+        hidden, weight, bias, teacher, keep, cfg, chunk_size, matmul_dtype
     )
     return LossSums(kd=kd, rank=rank, ce=ce, total=total, count=keep.sum(dtype=torch.int64))
 
@@ -253,13 +296,17 @@ def distill_loss_reference(
     teacher: TeacherTopK,
     mask: Tensor | None,
     cfg: LossConfig,
+    *,
+    matmul_dtype: torch.dtype | None = None,
 ) -> LossSums:
     """Plain version of `distill_loss` (same arguments, no chunk_size): all (N, V) logits at once.
 
     Plain autograd throughout; for tests and for measuring what chunking saves.
     """
     keep = position_mask(mask, hidden.shape[0], hidden.device)  # (N,)
-    logits = F.linear(hidden, weight, bias).float()  # (N, V)
+    dtype = matmul_dtype or weight.dtype
+    head_bias = None if bias is None else bias.to(dtype)  # (V,)
+    logits = F.linear(hidden.to(dtype), weight.to(dtype), head_bias).float()  # (N, V)
     kd, rank, ce = _part_sums(logits, teacher, keep, cfg)
     total = _weighted(kd, rank, ce, cfg)
     return LossSums(kd=kd, rank=rank, ce=ce, total=total, count=keep.sum(dtype=torch.int64))

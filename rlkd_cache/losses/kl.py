@@ -6,11 +6,11 @@ extra "tail" category on both sides, so every divergence here is exact for that 
 al., ACL 2025, "Sparse Logit Sampling"). Renormalizing over K stays available for comparison.
 
 Numerics: fp32 throughout; the teacher's tail mass `1 - sum_K exp(a)` is taken with a
-log1p/expm1 formula; the student's tail comes straight from a log-sum-exp over the tokens
-outside K. Both tail log-masses, and the cached teacher log-probs, are floored at `LOG_FLOOR`
-(the log of the smallest normal fp32), so a mass of 0 on either side (a one-hot teacher, an empty
-tail, -inf in the cache) gives finite values and gradients: a term whose true value is +inf is
-capped instead.
+log1p/expm1 formula; the student's tail is summed straight over the tokens outside K (no
+`1 - sum_K` cancellation), with a hand-written backward (`_TopkAndTail`). Both tail
+log-masses, and the cached teacher log-probs, are floored at `LOG_FLOOR` (the log of the
+smallest normal fp32), so a mass of 0 on either side (a one-hot teacher, an empty tail, -inf in
+the cache) gives finite values and gradients: a term whose true value is +inf is capped instead.
 
 Temperature tau: the student's logits are divided by tau over the full vocabulary (exact). The
 teacher is known only through log-probs, so they are divided by tau and renormalized over the
@@ -26,7 +26,7 @@ token ids and finite values: the mask removes their loss and gradient, not their
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -100,18 +100,53 @@ def category_log_probs(
     if tail != "bucket":
         raise ValueError(f"tail must be one of {get_args(TailMode)}, got {tail!r}")
 
-    lse = s.logsumexp(-1, keepdim=True)  # (N, 1)
     if topk_ids.shape[-1] >= s.shape[-1]:
-        log_p_tail = torch.full_like(lse, LOG_FLOOR)  # (N, 1) empty tail
-        log_q_tail = torch.full_like(lse, LOG_FLOOR)  # (N, 1)
+        lq_k = s_k - s.logsumexp(-1, keepdim=True)  # (N, k)
+        log_p_tail = torch.full_like(lq_k[:, :1], LOG_FLOOR)  # (N, 1) empty tail
+        log_q_tail = torch.full_like(lq_k[:, :1], LOG_FLOOR)  # (N, 1)
     else:
         log_p_tail = log1mexp(a.logsumexp(-1, keepdim=True)).clamp_min(LOG_FLOOR)  # (N, 1)
-        outside = s.scatter(-1, topk_ids, torch.finfo(torch.float32).min)  # (N, V) K removed
-        log_q_tail = (outside.logsumexp(-1, keepdim=True) - lse).clamp_min(LOG_FLOOR)  # (N, 1)
+        lq_k, log_q_tail = _TopkAndTail.apply(s, topk_ids)  # (N, k), (N, 1)
+        log_q_tail = log_q_tail.clamp_min(LOG_FLOOR)  # (N, 1)
     a_t = torch.cat([a, log_p_tail], dim=-1) / temperature  # (N, k+1)
     lp = a_t - a_t.logsumexp(-1, keepdim=True)  # (N, k+1)
-    lq = torch.cat([s_k - lse, log_q_tail], dim=-1)  # (N, k+1)
+    lq = torch.cat([lq_k, log_q_tail], dim=-1)  # (N, k+1)
     return lp, lq
+
+
+class _TopkAndTail(torch.autograd.Function):
+    """The student's log-probs of K and of the tail outside K, in a few passes over V.
+
+    Forward: e = exp(s - max s), lq_j = s_j - log-sum-exp(s) for j in K, and
+    log q_tail = log(sum_{v not in K} e_v / sum_v e_v): the tail is summed directly (no
+    1 - sum_K cancellation). Only a tail mass below ~e^-76 (tail terms under fp32's smallest
+    normal) loses precision, and below LOG_FLOOR the caller clamps it anyway.
+    Backward, by hand (autograd through two log-sum-exps and a scatter takes ~3x the passes):
+    d lq_j / d s_v = [v = j] - q_v and d log q_tail / d s_v = [v not in K] q_v / q_tail - q_v,
+    so grad_v = e_v / sum e * (g_tail / q_tail - G) outside K and g_j - q_j G on K, with
+    G = sum_j g_j + g_tail. Saves e (N, V) for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, s: Tensor, topk_ids: Tensor) -> tuple[Tensor, Tensor]:
+        peak = s.amax(-1, keepdim=True)  # (N, 1)
+        e = (s - peak).exp_()  # (N, V)
+        total = e.sum(-1, keepdim=True)  # (N, 1) >= 1
+        lq_k = s.gather(-1, topk_ids) - (peak + total.log())  # (N, k)
+        e.scatter_(-1, topk_ids, 0.0)  # (N, V) K removed
+        q_tail = e.sum(-1, keepdim=True) / total  # (N, 1)
+        ctx.save_for_backward(e, total, q_tail, lq_k, topk_ids)
+        return lq_k, q_tail.log()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g_k: Tensor, g_tail: Tensor) -> tuple[Tensor, None]:
+        e, total, q_tail, lq_k, topk_ids = ctx.saved_tensors
+        spread = g_k.sum(-1, keepdim=True) + g_tail  # (N, 1) G
+        per_e = (torch.where(q_tail > 0, g_tail / q_tail, 0.0) - spread) / total  # (N, 1)
+        grad = e * per_e  # (N, V) right outside K, 0 on K
+        grad.scatter_(-1, topk_ids, g_k - lq_k.exp() * spread)  # (N, V)
+        return grad, None
 
 
 def forward_kl(lp: Tensor, lq: Tensor) -> Tensor:
@@ -242,6 +277,30 @@ def kd_loss(
     per_position = divergence(
         lp, lq, kind, jsd_beta=jsd_beta, skew_alpha=skew_alpha, akl_mu=akl_mu
     )  # (N,)
+    return masked_sum(per_position, position_mask(mask, z.shape[0], z.device))
+
+
+def cross_entropy_from_kd(
+    z: Tensor, topk_ids: Tensor, lq: Tensor, target_ids: Tensor, mask: Tensor | None = None
+) -> SumCount:
+    """`cross_entropy_loss` from the KD term's student log-probs, with no pass over V.
+
+    Valid only for `category_log_probs(z, topk_ids, ..., tail="bucket", temperature=1.0)`,
+    whose lq_0 = z_{K_0} - log Z: then log Z = z_{K_0} - lq_0 and CE = log Z - z_target.
+
+    Args:
+        z: (N, V) student logits.
+        topk_ids: (N, k) int64 the teacher's top-k ids that `lq` was built on.
+        lq: (N, k+1) the student's category log-probs (bucket tail, temperature 1).
+        target_ids: (N,) int64 actual next tokens; any valid id at masked positions.
+        mask: (N,) bool, False = ignore the position; None = all positions.
+
+    Returns:
+        Sum over unmasked positions of -log q(target), and their count.
+    """
+    z = z.float()
+    log_z = z.gather(-1, topk_ids[:, :1]) - lq[:, :1]  # (N, 1)
+    per_position = (log_z - z.gather(-1, target_ids[:, None]))[:, 0]  # (N,)
     return masked_sum(per_position, position_mask(mask, z.shape[0], z.device))
 
 

@@ -51,6 +51,34 @@ class RankUnion(NamedTuple):
     """(N, m) bool; False marks a student slot whose token is already a teacher slot."""
 
 
+def top_ids(x: Tensor, r: int, block: int = 64) -> Tensor:
+    """Column ids of the r largest entries of each row, as `x.topk(r).indices` gives them
+    (a tie at the r-th value may be broken differently), in about one pass over the row.
+
+    The r blocks of `block` columns with the largest maxima hold a valid top r: every entry
+    above the r-th largest value lies in a block whose maximum is above it too, and there
+    are fewer than r such blocks; so a top r of those blocks' entries is a top r of the row.
+    Rows too short for that to pay off (or not a multiple of `block`) use `topk` itself.
+
+    Args:
+        x: (N, V) float.
+        r: how many ids per row, r <= V.
+        block: columns per block.
+
+    Returns:
+        (N, r) int64 ids, by decreasing value.
+    """
+    n, vocab = x.shape
+    if vocab % block or vocab < 4 * r * block:
+        return x.topk(r, dim=-1).indices
+    blocks = x.reshape(n, vocab // block, block)  # (N, B, block)
+    best = blocks.amax(-1).topk(r, dim=-1).indices  # (N, r) block ids
+    columns = best[:, :, None] * block + torch.arange(block, device=x.device)  # (N, r, block)
+    candidates = x.gather(-1, columns.reshape(n, r * block))  # (N, r * block)
+    pick = candidates.topk(r, dim=-1).indices  # (N, r) among the candidates
+    return columns.reshape(n, r * block).gather(-1, pick)  # (N, r)
+
+
 def rank_union(
     z: Tensor,
     topk_ids: Tensor,
@@ -92,7 +120,7 @@ def rank_union(
     if union != "censored":
         raise ValueError(f"rank union must be one of {get_args(UnionMode)}, got {union!r}")
 
-    student_ids = z.detach().topk(rank_k, dim=-1).indices  # (N, r)
+    student_ids = top_ids(z.detach(), rank_k)  # (N, r)
     match = student_ids[:, :, None] == topk_ids[:, None, :]  # (N, r, k)
     in_cache = match.any(-1)  # (N, r)
     duplicate = match[:, :, :rank_k].any(-1)  # (N, r) already a teacher column
@@ -127,6 +155,7 @@ def rlkd_rank_loss(
     rank_k: int = 15,
     union: UnionMode = "censored",
     strength: float = 1.0,
+    sparse_grad: bool = False,
 ) -> SumCount:
     """RLKD ranking loss: sum over positions of 1 - soft Spearman(student, teacher) over U.
 
@@ -140,6 +169,8 @@ def rlkd_rank_loss(
         rank_k: tokens per side in the union (the first rank_k cached columns for the teacher).
         union: see `UnionMode`.
         strength: soft-rank regularization strength (l2).
+        sparse_grad: give z a sparse COO gradient ((N, m) entries) instead of a dense (N, V)
+            one that is mostly zeros; autograd adds it in place to other terms' dense gradients.
 
     Returns:
         Sum over unmasked positions of 1 - rho (each in [0, 2]), and their count.
@@ -147,7 +178,7 @@ def rlkd_rank_loss(
     peaks = rank_union(
         z, topk_ids, topk_logprobs, target_ids, target_logprobs, rank_k=rank_k, union=union
     )
-    student_scores = z.float().gather(-1, peaks.ids)  # (N, m)
+    student_scores = torch.gather(z.float(), -1, peaks.ids, sparse_grad=sparse_grad)  # (N, m)
     with torch.no_grad():
         teacher_ranks = soft_rank(peaks.teacher_scores, strength, peaks.valid)  # (N, m)
     student_ranks = soft_rank(student_scores, strength, peaks.valid)  # (N, m)

@@ -81,6 +81,13 @@ def autocast_for(precision: str, device: torch.device) -> Any:
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
+def head_matmul_dtype(precision: str) -> torch.dtype | None:
+    """dtype of the chunked LM head's matmuls: bf16 under bf16 autocast, as for the student's
+    other layers. fp16 keeps them in fp32: the head's gradients are formed in the forward,
+    before the loss scaler could keep their small values from flushing to zero in fp16."""
+    return torch.bfloat16 if precision == "bf16" else None
+
+
 def prepare_run_dir(cfg: TrainConfig) -> Path | None:
     """Create the run folder; return the checkpoint to resume from, if any."""
     run = Path(cfg.output)
@@ -236,7 +243,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                     batch.topk_ids, batch.topk_logprobs, batch.target_ids, batch.target_logprobs
                 )
                 sums = distill_loss(
-                    hidden, weight, bias, teacher, None, losses, chunk_size=cfg.chunk_size
+                    hidden,
+                    weight,
+                    bias,
+                    teacher,
+                    None,
+                    losses,
+                    chunk_size=cfg.chunk_size,
+                    matmul_dtype=head_matmul_dtype(cfg.precision),
                 )
                 for name in ("kd", "rank", "ce"):
                     value = float(getattr(sums, name))
