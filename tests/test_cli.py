@@ -35,23 +35,32 @@ def rlkd(*args: str, code: int = 0) -> str:
     return result
 
 
-@pytest.fixture
-def built(tiny_teacher, text_data, cache_root) -> Path:
-    result = rlkd(
+def cache(model: Path, data: Path, root: Path, *extra: str, code: int = 0):
+    """`rlkd cache` of `data` with `model`, top-k 6 unless `extra` says otherwise."""
+    return rlkd(
         "cache",
         "--model",
-        str(tiny_teacher),
+        str(model),
         "--dataset",
-        str(text_data),
+        str(data),
+        "--cache-root",
+        str(root),
+        "--no-progress",
         "--top-k",
         "6",
-        "--num-shards-hint",
-        "3",
-        "--cache-root",
-        str(cache_root),
-        "--no-progress",
+        *extra,
+        code=code,
     )
+
+
+def last_line(result) -> Path:
+    """The cache directory `rlkd cache` prints last."""
     return Path(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def built(tiny_teacher, text_data, cache_root) -> Path:
+    return last_line(cache(tiny_teacher, text_data, cache_root, "--num-shards-hint", "3"))
 
 
 def test_cache_prints_path_last_and_second_run_is_a_noop(
@@ -60,19 +69,8 @@ def test_cache_prints_path_last_and_second_run_is_a_noop(
     assert (built / "manifest.json").is_file() and built.parent == cache_root
     assert len(list(built.glob("shard-*.parquet"))) == 3
     mtime = (built / "manifest.json").stat().st_mtime_ns
-    again = rlkd(
-        "cache",
-        "--model",
-        str(tiny_teacher),
-        "--dataset",
-        str(text_data),
-        "--top-k",
-        "6",
-        "--cache-root",
-        str(cache_root),
-        "--no-progress",
-    )
-    assert again.stdout.strip().splitlines()[-1] == str(built)
+    again = cache(tiny_teacher, text_data, cache_root)
+    assert last_line(again) == built
     assert "already cached" in again.stderr
     assert (built / "manifest.json").stat().st_mtime_ns == mtime
 
@@ -83,20 +81,7 @@ def test_cache_prints_path_last_and_second_run_is_a_noop(
 def test_different_inputs_get_different_directories(
     built, tiny_teacher, text_data, cache_root, change
 ):
-    other = rlkd(
-        "cache",
-        "--model",
-        str(tiny_teacher),
-        "--dataset",
-        str(text_data),
-        "--top-k",
-        "6",
-        "--cache-root",
-        str(cache_root),
-        "--no-progress",
-        *change,
-    )
-    assert Path(other.stdout.strip().splitlines()[-1]) != built
+    assert last_line(cache(tiny_teacher, text_data, cache_root, *change)) != built
 
 
 def test_different_model_gets_a_different_directory(
@@ -105,19 +90,7 @@ def test_different_model_gets_a_different_directory(
     from conftest import build_llama
 
     model = build_llama(tmp_path / "other", tiny_tokenizer, seed=1)
-    other = rlkd(
-        "cache",
-        "--model",
-        str(model),
-        "--dataset",
-        str(text_data),
-        "--top-k",
-        "6",
-        "--cache-root",
-        str(cache_root),
-        "--no-progress",
-    )
-    assert Path(other.stdout.strip().splitlines()[-1]) != built
+    assert last_line(cache(model, text_data, cache_root)) != built
 
 
 def test_inspect_ls_export(built, cache_root, tmp_path):
@@ -168,19 +141,7 @@ def test_incomplete_cache_is_listed_and_refused(built, cache_root):
 def test_corrupt_or_foreign_manifest(built, tiny_teacher, text_data, cache_root, content, message):
     (built / "manifest.json").write_text(content)
     assert message in rlkd("inspect", str(built), code=1).stderr
-    again = rlkd(
-        "cache",
-        "--model",
-        str(tiny_teacher),
-        "--dataset",
-        str(text_data),
-        "--top-k",
-        "6",
-        "--cache-root",
-        str(cache_root),
-        "--no-progress",
-        code=1,
-    )
+    again = cache(tiny_teacher, text_data, cache_root, code=1)
     assert "manifest.json" in again.stderr and message in again.stderr
 
 
@@ -223,37 +184,15 @@ def test_user_errors_are_one_line(tiny_teacher, text_data, cache_root, tmp_path)
 def test_strict_names_the_row_and_field(tiny_teacher, cache_root, tmp_path):
     data = tmp_path / "rows.jsonl"
     data.write_text('{"text": "good row"}\n{"text": ""}\n')
-    result = rlkd(
-        "cache",
-        "--model",
-        str(tiny_teacher),
-        "--dataset",
-        str(data),
-        "--strict",
-        "--cache-root",
-        str(cache_root),
-        code=1,
-    )
+    result = cache(tiny_teacher, data, cache_root, "--strict", code=1)
     assert "row 1" in result.stderr and "'text'" in result.stderr
 
 
 def test_config_file_and_flag_override(tiny_teacher, text_data, cache_root, tmp_path):
     config = tmp_path / "cache.yaml"
     config.write_text(f"model: {tiny_teacher}\ndataset: {text_data}\ntop_k: 3\nmax_length: 40\n")
-    path = Path(
-        rlkd(
-            "cache",
-            "--config",
-            str(config),
-            "--top-k",
-            "4",
-            "--cache-root",
-            str(cache_root),
-            "--no-progress",
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-    )
+    args = ["--config", str(config), "--top-k", "4", "--cache-root", str(cache_root)]
+    path = last_line(rlkd("cache", *args, "--no-progress"))
     manifest = Cache(path).manifest
     assert manifest["k"] == 4 and manifest["config"]["max_length"] == 40
     config.write_text("top_kk: 3\n")

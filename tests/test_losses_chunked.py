@@ -7,7 +7,7 @@ must never save an (N, V) tensor.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from typing import get_args
 
@@ -28,13 +28,7 @@ from rlkd_cache.losses.ranking import UnionMode
 N, HIDDEN, VOCAB, K = 23, 16, 64, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: one thread is faster and leaves the other core to other work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_inputs(seed: int, n: int = N) -> tuple[Tensor, Tensor, Tensor, TeacherTopK, Tensor]:

@@ -7,7 +7,6 @@ coarsened (k+1)-category distributions built by hand, and never exceed the full 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import get_args
 
 import pytest
@@ -24,13 +23,7 @@ TAILS: tuple[TailMode, ...] = get_args(TailMode)
 HYPOTHESIS = settings(max_examples=40, deadline=None, derandomize=True, database=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: one thread is faster and leaves the other core to other work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_case(

@@ -81,44 +81,16 @@ def test_init_student_command(deep_teacher, tmp_path):
 
     from rlkd_cli.main import app
 
-    result = CliRunner().invoke(
-        app,
-        [
-            "init-student",
-            "--teacher",
-            str(deep_teacher),
-            "--layers",
-            "0,2",
-            "--output",
-            str(tmp_path / "s"),
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "s").config.num_hidden_layers == 2
-    result = CliRunner().invoke(
-        app,
-        [
-            "init-student",
-            "--teacher",
-            str(deep_teacher),
-            "--random",
-            "3",
-            "--output",
-            str(tmp_path / "r"),
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "r").config.num_hidden_layers == 3
-    bad = CliRunner().invoke(
-        app,
-        [
-            "init-student",
-            "--teacher",
-            str(deep_teacher),
-            "--layers",
-            "0,9",
-            "--output",
-            str(tmp_path / "x"),
-        ],
-    )
+    def init(name: str, *how: str):
+        output = str(tmp_path / name)
+        return CliRunner().invoke(
+            app, ["init-student", "--teacher", str(deep_teacher), *how, "--output", output]
+        )
+
+    for name, how, layers in [("s", ("--layers", "0,2"), 2), ("r", ("--random", "3"), 3)]:
+        result = init(name, *how)
+        assert result.exit_code == 0, result.output
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / name)
+        assert loaded.config.num_hidden_layers == layers
+    bad = init("x", "--layers", "0,9")
     assert bad.exit_code == 1 and "strictly increasing indices in [0, 4)" in bad.stderr
