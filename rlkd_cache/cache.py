@@ -180,13 +180,13 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> Path:
     log.info("teacher %s, backend %s (%s)", model, backend_name, why)
     cache_dir.mkdir(parents=True, exist_ok=True)
     backends: list[TeacherBackend] = []
-
-    def backend() -> TeacherBackend:
-        if not backends:
-            backends.append(make_backend(backend_name, model, cfg))
-        return backends[0]
-
     try:
+
+        def backend() -> TeacherBackend:
+            if not backends:
+                backends.append(make_backend(backend_name, model, cfg))
+            return backends[0]
+
         if cfg.responses == "teacher":
             rows = with_teacher_responses(rows, tokenizer, cfg, cache_dir, backend(), progress)
             if cfg.prompt_field and not cfg.response_field and not cfg.messages_field:
