@@ -180,71 +180,63 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> Path:
     log.info("teacher %s, backend %s (%s)", model, backend_name, why)
     cache_dir.mkdir(parents=True, exist_ok=True)
     backends: list[TeacherBackend] = []
-    try:
 
-        def backend() -> TeacherBackend:
-            if not backends:
-                backends.append(make_backend(backend_name, model, cfg))
-            return backends[0]
+    def backend() -> TeacherBackend:
+        if not backends:
+            backends.append(make_backend(backend_name, model, cfg))
+        return backends[0]
 
-        if cfg.responses == "teacher":
-            rows = with_teacher_responses(rows, tokenizer, cfg, cache_dir, backend(), progress)
-            if cfg.prompt_field and not cfg.response_field and not cfg.messages_field:
-                cfg = replace(cfg, response_field="response")
-        prepared = prepare(rows, tokenizer, cfg)
-        shard_rows = load_plan(cache_dir, fp, prepared, cfg.num_shards_hint)
-        starts = np.concatenate([[0], np.cumsum(shard_rows)]).astype(int)
-        n_rows = len(prepared.sequences)
-        with CacheWriter(cache_dir, cfg.logprob_step) as writer:
-            done = writer.existing()
-            writer.written.update(done)
-            todo = [i for i in range(len(shard_rows)) if i not in done]
-            done_rows = sum(shard_rows[i] for i in done)
-            if done:
-                log.info("resuming: %d of %d shards already complete", len(done), len(shard_rows))
-            scorer = backend() if todo else None
-            _score(
-                prepared, shard_rows, starts, todo, scorer, cfg, writer, n_rows, done_rows, progress
-            )
-            manifest = {
-                "format": FORMAT_NAME,
-                "format_version": FORMAT_VERSION,
-                "fingerprint": fp,
-                "identity": identity,
-                "config": {k: v for k, v in asdict(cfg).items() if k != "cache_root"},
-                "teacher": {
-                    "name": model.name,
-                    "path": str(model),
-                    "sha256": identity["teacher_sha256"],
-                },
-                "tokenizer": {
-                    "sha256": identity["tokenizer_sha256"],
-                    "vocab_sha256": vocab_sha256(tokenizer),
-                    "vocab_size": len(tokenizer),
-                    "eos_token_id": tokenizer.eos_token_id,
-                },
-                "dataset": {**data_id, "shape": prepared.shape, "template": prepared.template},
-                "backend": {
-                    "name": backend_name,
-                    "why": why,
-                    "version": backends[0].version() if backends else "(resumed: no shards left)",
-                },
-                "vocab_size": vocab_size,
-                "k": cfg.top_k,
-                "logprob_step": cfg.logprob_step,
-                "max_logprob_error": cfg.logprob_step / 2,
-                "responses": _responses_entry(cache_dir),
-                "skipped": dict(prepared.skipped),
-                "truncated": prepared.truncated,
-                "rlkd_version": __version__,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                    timespec="seconds"
-                ),
-            }
-            manifest = writer.finish(manifest)
-    finally:  # stop vLLM's engine processes now: torn down at interpreter exit, they can abort
-        for made in backends:
-            made.close()
+    if cfg.responses == "teacher":
+        rows = with_teacher_responses(rows, tokenizer, cfg, cache_dir, backend(), progress)
+        if cfg.prompt_field and not cfg.response_field and not cfg.messages_field:
+            cfg = replace(cfg, response_field="response")
+    prepared = prepare(rows, tokenizer, cfg)
+    shard_rows = load_plan(cache_dir, fp, prepared, cfg.num_shards_hint)
+    starts = np.concatenate([[0], np.cumsum(shard_rows)]).astype(int)
+    n_rows = len(prepared.sequences)
+    with CacheWriter(cache_dir, cfg.logprob_step) as writer:
+        done = writer.existing()
+        writer.written.update(done)
+        todo = [i for i in range(len(shard_rows)) if i not in done]
+        done_rows = sum(shard_rows[i] for i in done)
+        if done:
+            log.info("resuming: %d of %d shards already complete", len(done), len(shard_rows))
+        scorer = backend() if todo else None
+        _score(prepared, shard_rows, starts, todo, scorer, cfg, writer, n_rows, done_rows, progress)
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fp,
+            "identity": identity,
+            "config": {k: v for k, v in asdict(cfg).items() if k != "cache_root"},
+            "teacher": {
+                "name": model.name,
+                "path": str(model),
+                "sha256": identity["teacher_sha256"],
+            },
+            "tokenizer": {
+                "sha256": identity["tokenizer_sha256"],
+                "vocab_sha256": vocab_sha256(tokenizer),
+                "vocab_size": len(tokenizer),
+                "eos_token_id": tokenizer.eos_token_id,
+            },
+            "dataset": {**data_id, "shape": prepared.shape, "template": prepared.template},
+            "backend": {
+                "name": backend_name,
+                "why": why,
+                "version": backends[0].version() if backends else "(resumed: no shards left)",
+            },
+            "vocab_size": vocab_size,
+            "k": cfg.top_k,
+            "logprob_step": cfg.logprob_step,
+            "max_logprob_error": cfg.logprob_step / 2,
+            "responses": _responses_entry(cache_dir),
+            "skipped": dict(prepared.skipped),
+            "truncated": prepared.truncated,
+            "rlkd_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        manifest = writer.finish(manifest)
     t = manifest["totals"]
     elapsed = time.time() - started
     log.info(

@@ -46,10 +46,6 @@ class TeacherBackend(Protocol):
         `cfg.gen_*` settings (`CacheConfig`), in the prompts' order."""
         ...
 
-    def close(self) -> None:
-        """Release what the backend holds (processes, memory); called once, when done."""
-        ...
-
 
 def make_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     """Group sequence indices into batches whose padded size (count x longest) stays within

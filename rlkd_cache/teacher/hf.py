@@ -42,9 +42,6 @@ class HFTeacher:
     def version(self) -> str:
         return f"transformers {self._transformers_version}, torch {torch.__version__}"
 
-    def close(self) -> None:
-        """Nothing to stop: the model is freed with this object."""
-
     @torch.inference_mode()
     def score(self, batch: list[Sequence], k: int) -> list[TeacherOutput]:
         longest = max(len(s.input_ids) for s in batch)
