@@ -28,13 +28,12 @@ from torch import Tensor
 from rlkd_cache.losses.kl import (
     KDKind,
     TailMode,
-    category_log_probs,
     cross_entropy_from_kd,
     cross_entropy_loss,
-    divergence,
+    kd_loss_and_student,
 )
 from rlkd_cache.losses.ranking import UnionMode, rlkd_rank_loss
-from rlkd_cache.losses.reduction import masked_sum, position_mask
+from rlkd_cache.losses.reduction import position_mask
 
 
 @dataclass(frozen=True)
@@ -147,13 +146,18 @@ def _part_sums(
         return torch.no_grad() if total_grad_only and not weight else contextlib.nullcontext()
 
     with graph(cfg.kd_weight):
-        lp, lq = category_log_probs(
-            logits, teacher.topk_ids, teacher.topk_logprobs, cfg.tail, cfg.temperature
-        )  # (C, k+1) each
-        per_position = divergence(
-            lp, lq, cfg.kd, jsd_beta=cfg.jsd_beta, skew_alpha=cfg.skew_alpha, akl_mu=cfg.akl_mu
-        )  # (C,)
-        kd = masked_sum(per_position, keep)
+        kd, lq = kd_loss_and_student(
+            logits,
+            teacher.topk_ids,
+            teacher.topk_logprobs,
+            keep,
+            kind=cfg.kd,
+            tail=cfg.tail,
+            temperature=cfg.temperature,
+            jsd_beta=cfg.jsd_beta,
+            skew_alpha=cfg.skew_alpha,
+            akl_mu=cfg.akl_mu,
+        )  # lq: (C, k+1)
     with graph(cfg.rank_weight):
         rank = rlkd_rank_loss(
             logits,

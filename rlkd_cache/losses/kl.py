@@ -273,11 +273,40 @@ def kd_loss(
     Returns:
         Sum over unmasked positions of the divergence, and their count.
     """
+    return kd_loss_and_student(
+        z,
+        topk_ids,
+        topk_logprobs,
+        mask,
+        kind=kind,
+        tail=tail,
+        temperature=temperature,
+        jsd_beta=jsd_beta,
+        skew_alpha=skew_alpha,
+        akl_mu=akl_mu,
+    )[0]
+
+
+def kd_loss_and_student(
+    z: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    mask: Tensor | None = None,
+    *,
+    kind: KDKind = "fkl",
+    tail: TailMode = "bucket",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    akl_mu: float = 0.5,
+) -> tuple[SumCount, Tensor]:
+    """`kd_loss` (same arguments) and the student's category log-probs lq (N, C) it used,
+    which `cross_entropy_from_kd` can reuse."""
     lp, lq = category_log_probs(z, topk_ids, topk_logprobs, tail, temperature)  # (N, C) each
     per_position = divergence(
         lp, lq, kind, jsd_beta=jsd_beta, skew_alpha=skew_alpha, akl_mu=akl_mu
     )  # (N,)
-    return masked_sum(per_position, position_mask(mask, z.shape[0], z.device))
+    return masked_sum(per_position, position_mask(mask, z.shape[0], z.device)), lq
 
 
 def cross_entropy_from_kd(
