@@ -94,13 +94,14 @@ class Run:
 
 
 def start(backend: str, args: argparse.Namespace, model: Path) -> Run:
+    import numpy as np
     from transformers import AutoTokenizer
 
     from rlkd_cache.config import CacheConfig
     from rlkd_cache.data import load_rows, prepare
     from rlkd_cache.store.fingerprint import folder_sha256
-    from rlkd_cache.teacher import make_batches
     from rlkd_cache.teacher.select import make_backend
+    from rlkd_cache.train.batching import plan_window
 
     root = Path(tempfile.mkdtemp(prefix=f"rlkd-bench-{backend}-"))
     cfg = CacheConfig(
@@ -118,7 +119,8 @@ def start(backend: str, args: argparse.Namespace, model: Path) -> Run:
     seqs = prepare(load_rows(None, cfg.split), tokenizer, cfg).sequences
     lengths = [len(s.input_ids) for s in seqs]
     batches = [
-        [seqs[i].input_ids.tolist() for i in b] for b in make_batches(lengths, cfg.batch_tokens)
+        [seqs[i].input_ids.tolist() for i in b]
+        for b in plan_window(np.array(lengths), cfg.batch_tokens)
     ]
     t0 = time.perf_counter()
     teacher = make_backend(backend, model, cfg)

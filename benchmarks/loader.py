@@ -41,10 +41,10 @@ def main() -> None:
     started = time.perf_counter()
     cfg = CacheConfig(cache_root=args.cache_root, top_k=args.top_k, split=f"train[:{args.rows}]")
     cache = Cache(run_cache(cfg, progress=False))
-    totals = cache.manifest["totals"]
+    totals = cache.info.totals
     print(
         f"cache {cache.dir} ({time.perf_counter() - started:.1f} s to build or find): "
-        f"{totals['rows']} rows, {totals['positions']} positions, {totals['shards']} shard(s), "
+        f"{totals.rows} rows, {totals.positions} positions, {totals.shards} shard(s), "
         f"k={cache.k}"
     )
 
@@ -84,8 +84,8 @@ def main() -> None:
         "batches": batches,
         "positions": positions,
         "seconds": round(seconds, 3),
-        "cache_positions": totals["positions"],
-        "cache_shards": totals["shards"],
+        "cache_positions": totals.positions,
+        "cache_shards": totals.shards,
     }
     if args.train_positions_per_s:
         ratio = rate / args.train_positions_per_s

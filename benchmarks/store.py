@@ -32,9 +32,10 @@ from rlkd_cache.config import CacheConfig
 from rlkd_cache.data import load_rows, prepare
 from rlkd_cache.default_teacher import default_teacher
 from rlkd_cache.store import codec
+from rlkd_cache.store.layout import CacheDir
 from rlkd_cache.store.writer import write_shard
-from rlkd_cache.teacher import make_batches
 from rlkd_cache.teacher.hf import HFTeacher
+from rlkd_cache.train.batching import plan_window
 
 FIELDS = (
     "input_ids",
@@ -113,7 +114,7 @@ def main() -> None:
         outputs = {}
         lengths = [len(s.input_ids) for s in prepared.sequences]
         t0 = time.perf_counter()
-        for batch in make_batches(lengths, 4096):
+        for batch in plan_window(np.array(lengths), 4096):
             seqs = [prepared.sequences[i] for i in batch]
             for i, out in zip(batch, teacher.score(seqs, 64), strict=True):
                 outputs[i] = out
@@ -129,6 +130,7 @@ def main() -> None:
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        layout = CacheDir(tmp)
         for k in (5, 20, 64):
             block = codec.Block(
                 full.seq_ids,
@@ -140,8 +142,8 @@ def main() -> None:
                 np.ascontiguousarray(full.topk_logprobs[:, :k]),
                 full.target_logprobs,
             )
-            path = Path(tmp) / f"k{k}.parquet"
-            encode_s = best_of(partial(write_shard, path, 0, block, cfg.logprob_step), repeats=2)
+            encode_s = best_of(partial(write_shard, layout, k, block, cfg.logprob_step), repeats=2)
+            path = layout.file(layout.shard_name(k))
             size = path.stat().st_size
             decoded = codec.decode(pq.read_table(path))
             decode_s = best_of(partial(read_and_decode, path))

@@ -6,9 +6,10 @@ SmolLM2-135M-Instruct, over the bundled sample; built or reused, caches are cont
 
 - sft: CE on the distilled positions the usual way: the HF forward builds the full (B, T, V)
   logits and its loss (labels -100 elsewhere) is backpropagated;
-- cached: the body of `rlkd train`'s loop with the default loss (forward KL with the tail
-  bucket + RLKD rank, L = rank + KD / 2): `hidden_at` + `distill_loss` (chunked LM head, its
-  matmuls in bf16 under `--precision bf16`, as the trainer does) + backward of total / count;
+- cached: `rlkd train`'s own step, imported from `rlkd_cache.train.step` (`train_step` +
+  `optimizer_step`) with the trainer's default loss (forward KL with the tail bucket + RLKD
+  rank, L = rank + KD / 2): chunked LM head (its matmuls in bf16 under `--precision bf16`),
+  loss scaler as the trainer sets it, backward of total / count;
 - online: the teacher (fp32, no grad) run on every batch, then forward KL of the student's
   full softmax to the teacher's at the distilled positions (HF forwards, full logits).
 
@@ -44,6 +45,7 @@ Goals (issue 4): cached step time <= 1.10x sft's; cached peak memory <= 1.10x sf
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -61,12 +63,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from rlkd_cache.cache import run_cache
 from rlkd_cache.config import CacheConfig, TrainConfig
 from rlkd_cache.default_teacher import default_teacher
-from rlkd_cache.losses import LossConfig, TeacherTopK, distill_loss
 from rlkd_cache.store.reader import Cache
 from rlkd_cache.train.batching import Batch, TokenBatcher
-from rlkd_cache.train.loop import autocast_for, head_matmul_dtype
+from rlkd_cache.train.step import StepSettings, autocast_for, optimizer_step, train_step
 from rlkd_cache.train.stream import CacheStream
-from rlkd_cache.train.student import hidden_at, lm_head
 from rlkd_cache.train.student_init import shallow_student
 
 Variant = Literal["sft", "cached", "online"]
@@ -137,26 +137,30 @@ def load_teacher(teacher: Path, device: torch.device) -> Any:
 
 
 class Steps:
-    """The three training steps over one student and one AdamW, as `rlkd train` sets them up."""
+    """The three training steps over one student and one AdamW, as `rlkd train` sets them up.
+
+    `cached` is `rlkd train`'s own step (`train/step.py`): `train_step` over the step's one
+    micro-batch, then `optimizer_step`, with the trainer's default loss settings. The other
+    two variants share `optimizer_step` (clip + AdamW)."""
 
     def __init__(self, model: Any, teacher: Any | None, args: argparse.Namespace):
         self.model = model
         self.teacher = teacher
         self.device = next(model.parameters()).device
         self.autocast = autocast_for(args.precision, self.device)
-        self.head_dtype = head_matmul_dtype(args.precision)
-        self.losses = LossConfig()  # the trainer's defaults: fkl + bucket, rank_k 15, L = R + KD/2
-        self.chunk_size = args.chunk_size
-        self.weight, self.bias = lm_head(model)
+        cfg = dataclasses.replace(TRAIN, precision=args.precision, chunk_size=args.chunk_size)
+        self.settings = StepSettings.of(cfg)  # the trainer's: fkl + bucket, rank_k 15, R + KD/2
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=TRAIN.lr, weight_decay=TRAIN.weight_decay
         )
 
     def run(self, variant: Variant, batch: Batch) -> None:
-        {"sft": self.sft, "cached": self.cached, "online": self.online}[variant](batch)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), TRAIN.clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if variant == "cached":
+            train_step(self.model, [batch], self.settings, self.scaler)
+        else:
+            {"sft": self.sft, "online": self.online}[variant](batch)
+        optimizer_step(self.model, self.optimizer, self.scaler, None, TRAIN.clip)
 
     def sft(self, batch: Batch) -> None:
         """CE on the distilled positions through the model's own loss: full (B, T, V) logits."""
@@ -167,29 +171,6 @@ class Steps:
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels
             )
         out.loss.backward()
-
-    def cached(self, batch: Batch) -> None:
-        """The body of `rlkd train`'s loop for one micro-batch (grad_accum 1)."""
-        with self.autocast():
-            hidden = hidden_at(
-                self.model, batch.input_ids, batch.attention_mask, batch.row, batch.pos
-            )  # (N, H)
-        teacher = TeacherTopK(
-            batch.topk_ids, batch.topk_logprobs, batch.target_ids, batch.target_logprobs
-        )
-        sums = distill_loss(
-            hidden,
-            self.weight,
-            self.bias,
-            teacher,
-            None,
-            self.losses,
-            chunk_size=self.chunk_size,
-            matmul_dtype=self.head_dtype,
-        )
-        for name in ("kd", "rank", "ce", "total"):
-            float(getattr(sums, name).detach())  # the loop logs (and syncs on) every part
-        (sums.total / batch.n_positions).backward()
 
     def online(self, batch: Batch) -> None:
         """Forward KL(teacher || student) on full softmaxes at the distilled positions."""
@@ -204,7 +185,7 @@ class Steps:
             ).logits  # (B, T, V)
         log_q = logits[batch.row, batch.pos].float().log_softmax(-1)  # (N, V)
         kd = F.kl_div(log_q, log_p, log_target=True, reduction="sum")
-        (self.losses.kd_weight * kd / batch.n_positions).backward()
+        (self.settings.losses.kd_weight * kd / batch.n_positions).backward()
 
 
 def sync(device: torch.device) -> None:

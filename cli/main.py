@@ -15,8 +15,15 @@ from typing import Any
 
 import click
 
-from rlkd_cache.config import CacheConfig, TrainConfig, default_cache_root, load_config
+from rlkd_cache.config import (
+    CacheConfig,
+    EvalConfig,
+    TrainConfig,
+    default_cache_root,
+    load_config,
+)
 from rlkd_cache.errors import RlkdError
+from rlkd_cli.options import config_options
 
 
 class App(click.Group):
@@ -50,98 +57,11 @@ def app(debug: bool, quiet: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _json_mapping(param: click.Parameter, value: str | None) -> dict[str, Any] | None:
-    """Parse a flag that takes a JSON object (None when the flag is absent)."""
-    if value is None:
-        return None
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise click.BadParameter(f"not valid JSON ({e})", param=param) from None
-    if not isinstance(parsed, dict):
-        raise click.BadParameter("expected a JSON object like '{\"key\": value}'", param=param)
-    return parsed
-
-
 @app.command()
 @click.option(
     "--config", "config_path", type=click.Path(), help="YAML file with cache config keys."
 )
-@click.option(
-    "--model",
-    help="Teacher: local Hugging Face model folder (default: embedded SmolLM2-135M-Instruct).",
-)
-@click.option(
-    "--dataset", help="Local JSONL/JSON/Parquet/CSV file, saved dataset folder, or hub name."
-)
-@click.option("--split", help="Split, with slicing allowed: train, train[:300], ... [train]")
-@click.option("--text-field", help="Column with plain text.")
-@click.option("--prompt-field", help="Column with the prompt (with --response-field).")
-@click.option("--response-field", help="Column with the response (with --prompt-field).")
-@click.option("--messages-field", help="Column with chat messages [{role, content}, ...].")
-@click.option("--id-field", help="Column with a stable sequence id [row index].")
-@click.option(
-    "--template",
-    type=click.Choice(["auto", "chat", "none"]),
-    help="How pairs/messages become text [auto].",
-)
-@click.option(
-    "--positions",
-    type=click.Choice(["all", "response"]),
-    help="Which next-token positions to distil [all].",
-)
-@click.option(
-    "--responses",
-    type=click.Choice(["dataset", "teacher"]),
-    help="Cache the dataset's responses, or let the teacher write them [dataset].",
-)
-@click.option("--gen-max-new-tokens", type=int, help="Teacher responses: max new tokens [256].")
-@click.option(
-    "--gen-temperature", type=float, help="Teacher responses: temperature, 0 = greedy [0.7]."
-)
-@click.option("--gen-top-p", type=float, help="Teacher responses: nucleus mass [0.9].")
-@click.option("--gen-seed", type=int, help="Teacher responses: sampling seed [0].")
-@click.option("--top-k", type=int, help="Teacher tokens stored per position [20].")
-@click.option("--max-length", type=int, help="Truncate sequences to this many tokens [1024].")
-@click.option(
-    "--logprob-step", type=float, help="Log-prob quantization step, nats; error <= step/2 [0.0099]."
-)
-@click.option(
-    "--backend", type=click.Choice(["auto", "hf", "vllm"]), help="Teacher backend [auto]."
-)
-@click.option("--batch-tokens", type=int, help="Token budget per teacher batch [8192].")
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
-    help="Teacher dtype [float32].",
-)
-@click.option(
-    "--strict", is_flag=True, default=None, help="Fail on the first bad row instead of skipping it."
-)
-@click.option("--cache-root", help="Where caches live [$RLKD_CACHE_ROOT or ~/.cache/rlkd].")
-@click.option("--num-shards-hint", type=int, help="Roughly how many shards to write.")
-@click.option(
-    "--vllm-tensor-parallel-size", type=int, help="vLLM: GPUs to split the teacher over [1]."
-)
-@click.option(
-    "--vllm-max-model-len", type=int, help="vLLM: engine context length [max-length + 1]."
-)
-@click.option(
-    "--vllm-gpu-memory-utilization",
-    type=float,
-    help="vLLM: share of device memory the engine reserves [0.9 GPU, 0.3 CPU].",
-)
-@click.option("--vllm-seed", type=int, help="vLLM: engine seed [0].")
-@click.option(
-    "--vllm-batch-tokens",
-    type=int,
-    help="vLLM: tokens per engine step; bounds prompt-logprob memory [--batch-tokens].",
-)
-@click.option(
-    "--vllm-engine-kwargs",
-    callback=lambda ctx, param, value: _json_mapping(param, value),
-    help="vLLM: extra vllm.LLM arguments as a JSON object, e.g. '{\"enforce_eager\": true}'.",
-)
+@config_options(CacheConfig)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def cache(config_path: str | None, no_progress: bool, **flags: Any) -> None:
     """Run the teacher over a dataset and cache its top-k log-probs. Prints the cache path last."""
@@ -205,41 +125,7 @@ def export(cache_dir: str, out: str) -> None:
 @click.option(
     "--config", "config_path", type=click.Path(), help="YAML file with train config keys."
 )
-@click.option("--cache", help="Training cache directory.")
-@click.option("--eval-cache", help="Held-out cache, evaluated every --eval-every steps.")
-@click.option("--student", help="Student: local Hugging Face causal LM folder (same tokenizer).")
-@click.option("--output", help="Run directory (config, metrics, checkpoints, final student).")
-@click.option(
-    "--kd",
-    type=click.Choice(["fkl", "rkl", "js", "tvd", "sfkl", "srkl", "akl"]),
-    help="KD divergence [fkl].",
-)
-@click.option("--kd-weight", type=float, help="Weight of the KD term [0.5].")
-@click.option("--rank-weight", type=float, help="Weight of the RLKD ranking term [1.0].")
-@click.option("--rank-k", type=int, help="Tokens per side in the ranking union [15].")
-@click.option("--rank-union", type=click.Choice(["censored", "teacher"]), help="[censored]")
-@click.option("--ce-weight", type=float, help="Weight of CE on the actual tokens [0].")
-@click.option("--temperature", type=float, help="KD temperature [1.0].")
-@click.option("--tail", type=click.Choice(["bucket", "renormalize"]), help="Top-k tail [bucket].")
-@click.option("--epochs", type=int, help="Passes over the cache [1].")
-@click.option("--max-steps", type=int, help="Optimizer steps (overrides --epochs).")
-@click.option("--lr", type=float, help="AdamW learning rate [2e-5].")
-@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), help="[cosine]")
-@click.option("--warmup-steps", type=int, help="[0]")
-@click.option("--weight-decay", type=float, help="[0]")
-@click.option("--clip", type=float, help="Max gradient norm, 0 = off [1.0].")
-@click.option("--batch-tokens", type=int, help="Token budget per micro-batch [4096].")
-@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step [1].")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="[fp32]")
-@click.option("--gradient-checkpointing", is_flag=True, default=None, help="Recompute activations.")
-@click.option("--seed", type=int, help="[0]")
-@click.option("--resume", help="auto | never | CHECKPOINT_DIR [auto].")
-@click.option("--eval-every", type=int, help="[100]")
-@click.option("--save-every", type=int, help="[100]")
-@click.option("--keep-last", type=int, help="Checkpoints kept [2].")
-@click.option("--log-every", type=int, help="[10]")
-@click.option("--chunk-size", type=int, help="Positions per LM-head/loss chunk [256].")
-@click.option("--device", help="auto | cpu | cuda | cuda:N [auto].")
+@config_options(TrainConfig)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(config_path: str | None, no_progress: bool, **flags: Any) -> None:
     """Train a student from a cache with KL + the RLKD ranking loss. Prints the final folder."""
@@ -255,25 +141,7 @@ def train(config_path: str | None, no_progress: bool, **flags: Any) -> None:
 @click.option("--cache", "cache_dir", required=True, help="Held-out cache directory.")
 @click.option("--compare", is_flag=True, help="Evaluate the RUNS given side by side and plot them.")
 @click.option("--plot", "plot_path", type=click.Path(), help="--compare: PNG path [compare.png].")
-@click.option(
-    "--generate",
-    help="Also score greedy generations by ROUGE-L: a JSONL file with prompt and response "
-    "fields, or `cache` (the cache's teacher responses as references).",
-)
-@click.option(
-    "--max-new-tokens",
-    type=click.IntRange(min=1),
-    help="--generate: new tokens per prompt [128; the teacher's for `cache`].",
-)
-@click.option("--limit", type=click.IntRange(min=1), help="--generate: the first N prompts only.")
-@click.option(
-    "--batch-tokens", type=click.IntRange(min=1), default=4096, help="Tokens per batch [4096]."
-)
-@click.option(
-    "--chunk-size", type=click.IntRange(min=1), default=256, help="Positions per head chunk [256]."
-)
-@click.option("--device", default="auto", help="auto | cpu | cuda | cuda:N [auto].")
-@click.option("--recompute", is_flag=True, help="Ignore results saved in a run's eval.json.")
+@config_options(EvalConfig)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of a table.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def eval_(
@@ -284,18 +152,20 @@ def eval_(
     plot_path: str | None,
     as_json: bool,
     no_progress: bool,
-    **settings: Any,
+    **flags: Any,
 ) -> None:
     """Alignment of a student with a cached teacher (overlap@k, consistency@k, Spearman,
     Kendall, KL, perplexity; ROUGE-L with --generate), or of several runs with --compare."""
     from rlkd_cache.eval.compare import compare_runs, render_table
     from rlkd_cache.eval.run import run_eval
 
-    settings["progress"] = not no_progress
+    cfg = load_config(EvalConfig, None, **flags)
     if compare:
         if student or not runs:
             raise click.UsageError("--compare takes the runs as arguments, not --student")
-        out = compare_runs(runs, cache_dir, plot_path or "compare.png", **settings)
+        out = compare_runs(
+            runs, cache_dir, cfg, plot_path or "compare.png", progress=not no_progress
+        )
         table = render_table(out["runs"], [r["label"] for r in out["runs"]])
         text = f"cache  {out['cache']}\n{table}\nplot: {out['plot']}"
     else:
@@ -303,7 +173,7 @@ def eval_(
             raise click.UsageError("RUNS and --plot go with --compare")
         if not student:
             raise click.UsageError("pass --student (or --compare RUN_A RUN_B ...)")
-        out = run_eval(student, cache_dir, **settings)
+        out = run_eval(student, cache_dir, cfg, progress=not no_progress)
         table = render_table([out], ["value"])
         text = f"student  {out['student']}\ncache    {out['cache']}\n{table}"
     click.echo(json.dumps(out, indent=2) if as_json else text)
@@ -363,7 +233,15 @@ def run(recipe: str, sets: tuple[str, ...], no_progress: bool) -> None:
 
 
 def main() -> None:
-    app(prog_name="rlkd")
+    """The `rlkd` console script: run the command, then shut down the teacher engines it
+    started, before the interpreter's own teardown (see `teacher.select.close_backends`)."""
+    try:
+        app(prog_name="rlkd")
+    finally:
+        if "rlkd_cache.teacher.select" in sys.modules:
+            from rlkd_cache.teacher.select import close_backends
+
+            close_backends()
 
 
 if __name__ == "__main__":

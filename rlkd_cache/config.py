@@ -1,37 +1,70 @@
-"""Typed configuration per stage, loadable from YAML and overridable by CLI flags.
+"""Typed configuration per stage (`rlkd cache`, `train`, `eval`), loadable from YAML and flags.
 
-One place loads configs (`load_config`): YAML keys and overrides must name fields of the
-dataclass, so a typo is an error that names the key and the file, never a silent default.
+Each config is a dataclass with a docstring under every field: `cli/options.py` turns the
+fields into the command's flags (the docstring is the help), and the same names are the YAML
+keys of `--config` files and recipe sections. One place builds configs (`build_config`, with
+`load_config` for the CLI): keys and flags must name fields, values must fit the field's type
+and the config's checks (`validate`), so a typo or a nonsense value is one error naming the
+flag or the key and file, before any work starts, never a silent default.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
+import torch
 import yaml
 
-from rlkd_cache.errors import RlkdError
+from rlkd_cache.errors import FieldError, RlkdError
+from rlkd_cache.losses.chunked import LossConfig
 
-Positions = Literal["all", "response"]
-"""Which positions are distilled: every next-token prediction, or only those of response
-tokens (prompt and template tokens are context only)."""
-
-Template = Literal["auto", "chat", "none"]
-"""How prompt/response and messages rows become text: the tokenizer's chat template
-("chat"), plain concatenation ("none"), or "auto" = chat when the tokenizer has one."""
-
-Backend = Literal["auto", "hf", "vllm"]
-"""Which teacher backend computes the log-probs. "auto" picks by availability and speed."""
+REQUIRED = {"required": True}
+"""Field metadata: `validate` fails when the field is left empty; `--help` says [required]."""
 
 
 def default_cache_root() -> str:
-    """`$RLKD_CACHE_ROOT`, else `~/.cache/rlkd`."""
+    """$RLKD_CACHE_ROOT, else ~/.cache/rlkd"""
     return os.environ.get("RLKD_CACHE_ROOT") or str(Path.home() / ".cache" / "rlkd")
+
+
+def pick_device(name: str) -> torch.device:
+    """The torch device `--device` names; `auto` is CUDA when available, else the CPU. Fails
+    with `FieldError` on a name torch does not know, or on a CUDA device that is not here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FieldError(
+            "device", f"must be auto or a torch device (cpu, cuda, cuda:N, ...), got {name!r}"
+        ) from None
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise FieldError("device", f"is {name!r}, but this machine has {count} CUDA device(s)")
+    return device
+
+
+def _check(cfg: Any, checks: Iterable[tuple[str, bool, str]]) -> None:
+    """Raise `FieldError` for the first required field left empty, else for the first failed
+    check: (field, whether its value is good, what it must be)."""
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("required") and not getattr(cfg, f.name):
+            raise FieldError(f.name, "is required")
+    for name, ok, expected in checks:
+        if not ok:
+            raise FieldError(name, f"must be {expected}, got {getattr(cfg, name)!r}")
+
+
+def _none_or_positive(value: int | None) -> bool:
+    """For optional counts: None, or at least 1."""
+    return value is None or value >= 1
 
 
 @dataclass
@@ -57,8 +90,12 @@ class CacheConfig:
     """Column with chat messages: a list of {"role", "content"} mappings."""
     id_field: str | None = None
     """Column with a stable sequence id. None: the row index within the split."""
-    template: Template = "auto"
-    positions: Positions = "all"
+    template: Literal["auto", "chat", "none"] = "auto"
+    """How prompt/response and messages rows become text: the tokenizer's chat template
+    ("chat"), plain concatenation ("none"), or "auto" = chat when the tokenizer has one."""
+    positions: Literal["all", "response"] = "all"
+    """Which positions are distilled: every next-token prediction, or only those of response
+    tokens (prompt and template tokens are context only)."""
     responses: Literal["dataset", "teacher"] = "dataset"
     """Responses to cache: the dataset's, or written by the teacher for each prompt (then
     saved in the cache as `responses.parquet`, for eval references)."""
@@ -77,7 +114,9 @@ class CacheConfig:
     logprob_step: float = 0.0099
     """Quantization step of stored log-probs in nats; the largest error is half of it.
     The default keeps every value within 0.005 nat of the teacher's fp32 value."""
-    backend: Backend = "auto"
+    backend: Literal["auto", "hf", "vllm"] = "auto"
+    """Teacher backend: transformers ("hf") or vLLM. "auto": vLLM with a CUDA GPU and a GPU
+    build of vLLM that imports, else transformers (see `teacher/select.py`)."""
     batch_tokens: int = 8192
     """Token budget of one teacher forward batch (padding included)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -87,7 +126,8 @@ class CacheConfig:
     cache_root: str = field(default_factory=default_cache_root)
     """Directory that holds caches (and the converted default teacher)."""
     num_shards_hint: int | None = None
-    """Roughly how many shards to write. None: about 200,000 positions per shard."""
+    """Roughly how many shards to write. None: 262,144 positions per shard
+    (`cache.POSITIONS_PER_SHARD`)."""
     vllm_tensor_parallel_size: int = 1
     """vLLM only: GPUs the teacher is split over (vLLM's `tensor_parallel_size`)."""
     vllm_max_model_len: int | None = None
@@ -112,96 +152,56 @@ class CacheConfig:
     """vLLM only: extra keyword arguments for `vllm.LLM` (for example `{"enforce_eager":
     true}`); they override rlkd's choices, except that `max_logprobs` is kept >= top_k."""
 
-
-C = TypeVar("C")
-
-
-def _check_type(name: str, value: Any, hint: Any, source: str) -> Any:
-    """Coerce simple YAML/flag values to the field's type, or fail naming the field."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if value is None and (hint is type(None) or type(None) in args):
-        return None
-    if origin is Literal:
-        if value not in args:
-            raise RlkdError(f"{source}: {name} must be one of {list(args)}, got {value!r}")
-        return value
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        inner = [a for a in args if a is not type(None)]
-        return _check_type(name, value, inner[0], source)
-    if hint is bool and isinstance(value, bool):
-        return value
-    if hint in (int, float, str):
-        if hint is not str and isinstance(value, bool):
-            raise RlkdError(f"{source}: {name} must be {hint.__name__}, got {value!r}")
-        try:
-            return hint(value)
-        except (TypeError, ValueError):
-            raise RlkdError(f"{source}: {name} must be {hint.__name__}, got {value!r}") from None
-    if isinstance(value, dict) and origin is dict:
-        return value
-    raise RlkdError(f"{source}: {name} has unsupported value {value!r}")
+    def validate(self) -> None:
+        """Raise `FieldError` for the first bad field (top_k <= the teacher's vocabulary is
+        checked by `run_cache`, which loads the teacher)."""
+        memory = self.vllm_gpu_memory_utilization
+        _check(
+            self,
+            (
+                ("gen_max_new_tokens", self.gen_max_new_tokens >= 1, ">= 1"),
+                ("gen_temperature", self.gen_temperature >= 0, ">= 0"),
+                ("gen_top_p", 0 < self.gen_top_p <= 1, "in (0, 1]"),
+                ("top_k", self.top_k >= 1, ">= 1"),
+                ("max_length", self.max_length >= 2, ">= 2 tokens"),
+                ("logprob_step", 0 < self.logprob_step <= 1, "in (0, 1] nats"),
+                ("batch_tokens", self.batch_tokens >= 1, ">= 1"),
+                ("num_shards_hint", _none_or_positive(self.num_shards_hint), "None or >= 1"),
+                ("vllm_tensor_parallel_size", self.vllm_tensor_parallel_size >= 1, ">= 1"),
+                ("vllm_max_model_len", _none_or_positive(self.vllm_max_model_len), "None or >= 1"),
+                ("vllm_gpu_memory_utilization", memory is None or 0 < memory <= 1, "in (0, 1]"),
+                ("vllm_batch_tokens", _none_or_positive(self.vllm_batch_tokens), "None or >= 1"),
+            ),
+        )
 
 
-def load_config(cls: type[C], path: str | None = None, **overrides: Any) -> C:
-    """Build `cls` from an optional YAML file, then apply non-None `overrides` (flags)."""
-    values: dict[str, Any] = {}
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise RlkdError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise RlkdError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(loaded, dict):
-            raise RlkdError(
-                f"{path}: expected a mapping of config keys, got {type(loaded).__name__}"
-            )
-        for key, value in loaded.items():
-            if key not in names:
-                raise RlkdError(f"{path}: unknown key {key!r}; expected one of {sorted(names)}")
-            values[key] = _check_type(key, value, hints[key], path)
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if key not in names:
-            raise RlkdError(f"unknown option {key!r}")
-        values[key] = _check_type(key, value, hints[key], f"--{key.replace('_', '-')}")
-    return cls(**values)
+@dataclass(frozen=True)
+class TrainConfig(LossConfig):
+    """Everything `rlkd train` needs: the loss fields of its base `LossConfig` (kd, rank_k,
+    temperature, ..., checked when built), then the run's. Defaults follow the RLKD authors'
+    scripts: L = L_rank + L_KD / 2 with forward KL (tail bucket), rank k 15, temperature 1,
+    no CE, AdamW at 2e-5 with cosine decay."""
 
-
-@dataclass
-class TrainConfig:
-    """Everything `rlkd train` needs. Loss defaults follow the RLKD authors' scripts:
-    L = L_rank + L_KD / 2 with forward KL (tail bucket), rank k 15, temperature 1, no CE,
-    AdamW at 2e-5 with cosine decay."""
-
-    cache: str = ""
+    cache: str = field(default="", metadata=REQUIRED)
     """Training cache directory (made by `rlkd cache`)."""
-    student: str = ""
+    student: str = field(default="", metadata=REQUIRED)
     """Local Hugging Face causal LM folder whose tokenizer matches the cache's."""
-    output: str = ""
+    output: str = field(default="", metadata=REQUIRED)
     """Run directory: resolved config, metrics, checkpoints, final student."""
     eval_cache: str | None = None
     """Held-out cache evaluated every `eval_every` steps (KL, top-1 agreement, loss parts)."""
-    kd: Literal["fkl", "rkl", "js", "tvd", "sfkl", "srkl", "akl"] = "fkl"
-    kd_weight: float = 0.5
-    rank_weight: float = 1.0
-    rank_k: int = 15
-    rank_union: Literal["censored", "teacher"] = "censored"
-    ce_weight: float = 0.0
-    temperature: float = 1.0
-    tail: Literal["bucket", "renormalize"] = "bucket"
     epochs: int = 1
     """Passes over the cache (ignored when `max_steps` is set)."""
     max_steps: int | None = None
     """Optimizer steps to run; None: `epochs` passes."""
     lr: float = 2e-5
+    """AdamW's peak learning rate."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup, to 0 at the last step (or none: "constant")."""
     warmup_steps: int = 0
+    """Optimizer steps of linear warmup to `lr`."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
     clip: float = 1.0
     """Max gradient norm; 0 disables clipping."""
     batch_tokens: int = 4096
@@ -211,18 +211,184 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast precision of the student forward; losses always reduce in fp32."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward instead of keeping them (less memory, slower)."""
     seed: int = 0
+    """Seed of the torch RNG and the reader's shuffle."""
     resume: str = "auto"
     """"auto": continue from the newest valid checkpoint in `output` (same config only);
     "never": refuse an output folder that holds a run; or a checkpoint path."""
     eval_every: int = 100
+    """Optimizer steps between evaluations on `eval_cache` (also run at the start and end)."""
     save_every: int = 100
+    """Optimizer steps between checkpoints (one is also saved at the last step)."""
     keep_last: int = 2
     """Checkpoints kept (the newest n)."""
     log_every: int = 10
+    """Optimizer steps between lines of `metrics.jsonl` (the last step is always logged)."""
     shuffle_buffer: int = 1024
     """Rows in the reader's shuffle buffer."""
     chunk_size: int = 256
     """Positions per chunk of the LM head + loss (peak memory ~ chunk_size x vocab)."""
     device: str = "auto"
-    """"auto": cuda if available, else cpu."""
+    """"auto" (cuda if available, else cpu), cpu, cuda or cuda:N."""
+
+    def validate(self) -> None:
+        """Raise `FieldError` for the first missing or bad field."""
+        pick_device(self.device)
+        _check(
+            self,
+            (
+                ("epochs", self.epochs >= 1, ">= 1"),
+                ("max_steps", _none_or_positive(self.max_steps), "None or >= 1"),
+                ("lr", self.lr > 0, "> 0"),
+                ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+                ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                ("clip", self.clip >= 0, ">= 0 (0 = no clipping)"),
+                ("batch_tokens", self.batch_tokens >= 2, ">= 2"),
+                ("grad_accum", self.grad_accum >= 1, ">= 1"),
+                ("eval_every", self.eval_every >= 1, ">= 1"),
+                ("save_every", self.save_every >= 1, ">= 1"),
+                ("keep_last", self.keep_last >= 1, ">= 1"),
+                ("log_every", self.log_every >= 1, ">= 1"),
+                ("shuffle_buffer", self.shuffle_buffer >= 1, ">= 1"),
+                ("chunk_size", self.chunk_size >= 1, ">= 1"),
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How `rlkd eval` measures a student (or runs) against a held-out cache."""
+
+    batch_tokens: int = 4096
+    """Token budget of one student forward batch (padding included)."""
+    chunk_size: int = 256
+    """Positions per chunk of the LM head (peak memory ~ chunk_size x vocab)."""
+    device: str = "auto"
+    """"auto" (cuda if available, else cpu), cpu, cuda or cuda:N."""
+    generate: str | None = None
+    """Also score greedy generations by ROUGE-L: a JSONL file with prompt and response
+    fields, or "cache" (the cache's teacher responses as references). None: no generation."""
+    max_new_tokens: int | None = None
+    """With `generate`: new tokens per prompt. None: 128, or the teacher's own budget for
+    "cache"."""
+    limit: int | None = None
+    """With `generate`: only the first N prompts. None: all of them."""
+    recompute: bool = False
+    """Ignore the results saved in a run folder's eval.json."""
+
+    def validate(self) -> None:
+        """Raise `FieldError` for the first bad field."""
+        pick_device(self.device)
+        _check(
+            self,
+            (
+                ("batch_tokens", self.batch_tokens >= 1, ">= 1"),
+                ("chunk_size", self.chunk_size >= 1, ">= 1"),
+                ("max_new_tokens", _none_or_positive(self.max_new_tokens), "None or >= 1"),
+                ("limit", _none_or_positive(self.limit), "None or >= 1"),
+            ),
+        )
+
+
+class Config(Protocol):
+    """What `build_config` builds: a config dataclass with its own checks."""
+
+    def validate(self) -> None: ...
+
+
+C = TypeVar("C", bound=Config)
+
+
+def flag(name: str) -> str:
+    """The CLI flag of config field `name`: `--` and the name with dashes."""
+    return "--" + name.replace("_", "-")
+
+
+def validated(cfg: C) -> C:
+    """`cfg` after its own checks, for a config built in code rather than by `build_config`
+    (library callers): a bad field is an `RlkdError` naming its flag."""
+    try:
+        cfg.validate()  # type: ignore[attr-defined]
+    except FieldError as e:
+        raise RlkdError(f"{flag(e.name)} {e.problem}") from None
+    return cfg
+
+
+def _check_type(label: str, value: Any, hint: Any) -> Any:
+    """Coerce a simple YAML/flag value to the field's type, or fail naming it by `label`."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None and (hint is type(None) or type(None) in args):
+        return None
+    if origin is Literal:
+        if value not in args:
+            raise RlkdError(f"{label} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(label, value, inner[0])
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint in (int, float, str):
+        if hint is not str and isinstance(value, bool):
+            raise RlkdError(f"{label} must be {hint.__name__}, got {value!r}")
+        try:
+            return hint(value)
+        except (TypeError, ValueError):
+            raise RlkdError(f"{label} must be {hint.__name__}, got {value!r}") from None
+    if isinstance(value, dict) and origin is dict:
+        return value
+    raise RlkdError(f"{label} has unsupported value {value!r}")
+
+
+def build_config(
+    cls: type[C],
+    keys: Mapping[str, Any],
+    where: str = "",
+    flags: Mapping[str, Any] | None = None,
+) -> C:
+    """The one place configs are built: `keys` (YAML keys, read from `where`), then the
+    non-None `flags`, each checked against its field's type, then `cls`'s own checks. A bad
+    value is an `RlkdError` naming it as `where: key` or as `--flag`."""
+    hints = typing.get_type_hints(cls)
+    names = sorted(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    prefix = f"{where}: " if where else ""
+    for key, value in keys.items():
+        if key not in names:
+            raise RlkdError(f"{prefix}unknown key {key!r}; expected one of {names}")
+        labels[key] = prefix + key
+        values[key] = _check_type(labels[key], value, hints[key])
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        if key not in names:
+            raise RlkdError(f"unknown option {flag(key)}")
+        labels[key] = flag(key)
+        values[key] = _check_type(labels[key], value, hints[key])
+    try:
+        cfg = cls(**values)
+        cfg.validate()
+    except FieldError as e:
+        raise RlkdError(f"{labels.get(e.name, flag(e.name))} {e.problem}") from None
+    return cfg
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """The mapping of config keys in the YAML file at `path`."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise RlkdError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise RlkdError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(loaded, dict):
+        raise RlkdError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
+    return loaded
+
+
+def load_config(cls: type[C], path: str | None = None, **flags: Any) -> C:
+    """`build_config` from the YAML file at `path` (if any), then the CLI's `flags`."""
+    return build_config(cls, read_yaml(path) if path else {}, path or "", flags)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,8 @@ def load_rows(dataset: str | None, split: str) -> Any:
                     f"{path}: unsupported file type {path.suffix!r}; expected one of "
                     f"{sorted(FILE_BUILDERS)}"
                 )
+            if builder in ("json", "csv"):
+                check_utf8(path)
             return datasets.load_dataset(builder, data_files={base_split: str(path)}, split=split)
         if path.is_dir():
             return datasets.load_dataset(str(path), split=split)
@@ -93,10 +96,52 @@ def load_rows(dataset: str | None, split: str) -> Any:
     except RlkdError:
         raise
     except Exception as e:  # datasets raises many types for "not found" / "offline"
+        if path.exists():
+            raise RlkdError(unreadable(path, e)) from None
         raise RlkdError(
             f"dataset not found: {source} (expected a local JSONL/JSON/Parquet/CSV file, a saved "
             f"dataset folder, or a hub name reachable online; {type(e).__name__}: {e})"
         ) from None
+
+
+def check_utf8(path: Path) -> None:
+    """Refuse a text dataset file that is not UTF-8, naming the line (pyarrow would load it
+    and fail only when a row is read)."""
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                raise RlkdError(
+                    f"{path}, line {number}: not UTF-8 text ({bad.reason} at byte {bad.start} "
+                    "of the line); re-encode the file as UTF-8"
+                ) from None
+
+
+def unreadable(path: Path, error: Exception) -> str:
+    """Why an existing dataset file or folder could not be loaded, as precisely as we can
+    tell: an empty file, the first line of a JSON Lines file that is not UTF-8 or not JSON,
+    or (for a folder) files whose columns differ; else the library's own root cause."""
+    cause: BaseException = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+    why = f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
+    if path.is_dir():
+        return (
+            f"cannot read the dataset folder {path}: its data files must share one set of "
+            f"columns and one format ({why})"
+        )
+    if path.stat().st_size == 0:
+        return f"{path}: the dataset file is empty (expected rows)"
+    if path.suffix.lower() == ".jsonl":
+        with path.open(encoding="utf-8") as fh:  # UTF-8 was checked before loading
+            for number, line in enumerate(fh, start=1):
+                try:
+                    if line.strip():
+                        json.loads(line)
+                except json.JSONDecodeError as bad:
+                    return f"{path}, line {number}: not a JSON object ({bad.msg})"
+    return f"cannot read the dataset {path} ({why})"
 
 
 def _slice(ds: Any, split: str) -> Any:

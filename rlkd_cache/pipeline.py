@@ -15,19 +15,19 @@ import json
 import logging
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from rlkd_cache.cache import resolve_model, run_cache
-from rlkd_cache.config import CacheConfig, TrainConfig, load_config
+from rlkd_cache.config import CacheConfig, EvalConfig, TrainConfig, build_config
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.eval.compare import plot, render_table
 from rlkd_cache.eval.run import run_eval
-from rlkd_cache.store.manifest import write_json_atomic
-from rlkd_cache.train.loop import NOT_RUN_DEFINING, train
+from rlkd_cache.store.atomic import write_json_atomic
+from rlkd_cache.train.loop import config_differences, train
 from rlkd_cache.train.student_init import random_student, shallow_student
 
 log = logging.getLogger("rlkd.pipeline")
@@ -96,24 +96,32 @@ def load_recipe(path: str | Path, sets: Sequence[str] = ()) -> Recipe:
         raise RlkdError(
             f"{path}: splits must name exactly `train` and `eval`, got {sorted(recipe.splits)}"
         )
-    _check(CacheConfig, recipe.cache, f"{path}: cache")
-    for arm, overrides in recipe.arms.items():
+    build_config(CacheConfig, recipe.cache, f"{path}: cache")
+    for arm in recipe.arms:
         if not isinstance(arm, str) or "/" in arm:
             raise RlkdError(f"{path}: arm names must be plain names, got {arm!r}")
-        _check(TrainConfig, {**recipe.train, **(overrides or {})}, f"{path}: train/arm {arm}")
+        for seed in recipe.seeds:
+            arm_config(recipe, arm, seed, RUN_PATHS, path)
+    eval_config(recipe, path)
     return recipe
 
 
-def _check(cls: type, values: dict[str, Any], where: str) -> None:
-    """Fail naming the recipe section on unknown keys or bad values."""
-    names = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
-    for key in values:
-        if key not in names:
-            raise RlkdError(f"{where}: unknown key {key!r}; expected one of {sorted(names)}")
-    try:
-        load_config(cls, None, **values)
-    except RlkdError as e:
-        raise RlkdError(f"{where}: {e}") from None
+RUN_PATHS = {"cache": "-", "eval_cache": "-", "student": "-", "output": "-"}
+"""Stand-ins for the paths `run_recipe` fills in, so `load_recipe` can check the rest."""
+
+
+def arm_config(
+    recipe: Recipe, arm: str, seed: int, paths: dict[str, str], path: str | Path
+) -> TrainConfig:
+    """The train config of one run: the recipe's `train:`, the arm's overrides, the seed and
+    the run's paths (caches, student, output)."""
+    keys = {**recipe.train, **(recipe.arms[arm] or {}), "seed": seed, **paths}
+    return build_config(TrainConfig, keys, f"{path}: train/arm {arm}")
+
+
+def eval_config(recipe: Recipe, path: str | Path) -> EvalConfig:
+    """How every run (and the starting student) is evaluated: the recipe's `eval:`."""
+    return build_config(EvalConfig, recipe.eval, f"{path}: eval")
 
 
 def build_student(recipe: Recipe, teacher: Path, out: Path) -> Path:
@@ -144,7 +152,7 @@ def finished(cfg: TrainConfig) -> bool:
     if not (run / "final" / "config.json").is_file() or not (run / "config.json").is_file():
         return False
     saved = json.loads((run / "config.json").read_text())
-    return all(saved.get(k) == v for k, v in asdict(cfg).items() if k not in NOT_RUN_DEFINING) and (
+    return not config_differences(saved, cfg) and (
         saved.get("max_steps") == cfg.max_steps and saved.get("epochs") == cfg.epochs
     )
 
@@ -172,40 +180,34 @@ def run_recipe(path: str | Path, sets: Sequence[str] = (), progress: bool = True
     recipe = load_recipe(path, sets)
     out = Path(recipe.output)
     out.mkdir(parents=True, exist_ok=True)
-    common = load_config(CacheConfig, None, **recipe.cache)
+    common = build_config(CacheConfig, recipe.cache, f"{path}: cache")
     teacher = resolve_model(common)
     caches = {}
     for split_name, split in recipe.splits.items():
         log.info("caching the %s split (%s)", split_name, split)
-        cfg = load_config(CacheConfig, None, **{**recipe.cache, "split": split})
-        caches[split_name] = run_cache(cfg, progress=progress)
+        caches[split_name] = run_cache(replace(common, split=split), progress=progress)
     student = build_student(recipe, teacher, out)
-    evaluation = {"batch_tokens": 4096, "chunk_size": 256, **recipe.eval, "progress": progress}
-    baseline = run_eval(student, caches["eval"], **evaluation)
+    evaluation = eval_config(recipe, path)
+    baseline = run_eval(student, caches["eval"], evaluation, progress)
     results: dict[str, list[dict[str, Any]]] = {"start": [baseline]}
-    for arm, overrides in recipe.arms.items():
+    for arm in recipe.arms:
         results[arm] = []
         for seed in recipe.seeds:
             run_dir = out / "runs" / f"{arm}-seed{seed}"
-            cfg = load_config(
-                TrainConfig,
-                None,
-                **{
-                    **recipe.train,
-                    **(overrides or {}),
-                    "seed": seed,
-                    "cache": str(caches["train"]),
-                    "eval_cache": str(caches["eval"]),
-                    "student": str(student),
-                    "output": str(run_dir),
-                },
-            )
+            paths = {
+                "cache": str(caches["train"]),
+                "eval_cache": str(caches["eval"]),
+                "student": str(student),
+                "output": str(run_dir),
+            }
+            cfg = arm_config(recipe, arm, seed, paths, path)
             if finished(cfg):
                 log.info("already trained: %s", run_dir)
             else:
                 log.info("training %s (seed %d)", arm, seed)
                 train(cfg, progress=progress)
-            results[arm].append({**run_eval(run_dir, caches["eval"], **evaluation), "seed": seed})
+            result = run_eval(run_dir, caches["eval"], evaluation, progress)
+            results[arm].append({**result, "seed": seed})
     firsts = [runs[0] for runs in results.values()]
     table = render_table(firsts, list(results))
     if len(recipe.seeds) > 1:

@@ -2,29 +2,25 @@
 
 For each prompt row (prompt/response or messages: the conversation before the last assistant
 turn), the prompt is rendered with the chat template and the teacher generates a response
-with the configured, seeded sampling settings. The generations are saved in the cache as
-`responses.parquet` (seq_id, prompt, response), written atomically before scoring starts, so a
-resumed run reuses them and `rlkd eval --generate` can use them as references. The rows then
+with the configured, seeded sampling settings. The generations are saved in the cache
+(`CacheDir.write_responses`: seq_id, prompt, response) before scoring starts, so a resumed
+run reuses them and `rlkd eval --generate` can use them as references. The rows then
 go through the normal path with the generated text as their response.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from rlkd_cache.config import CacheConfig
 from rlkd_cache.data import BadRow, _messages, _text
 from rlkd_cache.errors import RlkdError
+from rlkd_cache.store.layout import CacheDir
 
 log = logging.getLogger("rlkd.responses")
-
-RESPONSES = "responses.parquet"
 
 
 def prompt_of(row: dict[str, Any], shape: str, fields: list[str]) -> list[dict[str, str]]:
@@ -58,7 +54,7 @@ def shape_for_teacher(cfg: CacheConfig, columns: list[str]) -> tuple[str, list[s
 
 
 def with_teacher_responses(
-    rows: Any, tokenizer: Any, cfg: CacheConfig, cache_dir: Path, backend: Any, progress: bool
+    rows: Any, tokenizer: Any, cfg: CacheConfig, layout: CacheDir, backend: Any, progress: bool
 ) -> Any:
     """Return `rows` with every usable prompt's response written by the teacher."""
     import datasets
@@ -77,9 +73,9 @@ def with_teacher_responses(
         except BadRow as bad:
             if cfg.strict:
                 raise RlkdError(f"row {index}: {bad} (reason {bad.reason})") from None
-    path = cache_dir / RESPONSES
-    if path.is_file():
-        saved = pq.read_table(path).to_pydict()
+    if layout.has_responses():
+        path = layout.file(CacheDir.RESPONSES)
+        saved = layout.read_responses().to_pydict()
         if saved["seq_id"] != [ids[i] for i in usable]:
             raise RlkdError(f"{path}: saved responses do not match this dataset's rows; delete it")
         texts = saved["response"]
@@ -92,12 +88,9 @@ def with_teacher_responses(
         token_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in rendered]
         generated = backend.generate(token_ids, cfg, progress=progress)
         texts = [tokenizer.decode(g, skip_special_tokens=True).strip() for g in generated]
-        table = pa.table(
-            {"seq_id": [ids[i] for i in usable], "prompt": rendered, "response": texts}
+        layout.write_responses(
+            pa.table({"seq_id": [ids[i] for i in usable], "prompt": rendered, "response": texts})
         )
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        pq.write_table(table, tmp, compression="zstd")
-        tmp.replace(path)
     for index, prompt, text in zip(usable, prompts, texts, strict=True):
         if shape == "pair":
             records[index][fields[1]] = text

@@ -18,7 +18,8 @@ import pytest
 from rlkd_cache.config import CacheConfig
 from rlkd_cache.data import Sequence, load_rows, prepare
 from rlkd_cache.errors import RlkdError
-from rlkd_cache.teacher import TeacherOutput, make_batches
+from rlkd_cache.teacher import TeacherOutput
+from rlkd_cache.train.batching import plan_window
 
 pytestmark = pytest.mark.vllm
 TOL = 1e-3
@@ -55,7 +56,7 @@ def sequences(tiny_teacher: Path, positions: str, rows: int = 48) -> list[Sequen
 
 def score_all(teacher, seqs: list[Sequence], k: int, budget: int = 2048) -> list[TeacherOutput]:
     out: dict[int, TeacherOutput] = {}
-    for batch in make_batches([len(s.input_ids) for s in seqs], budget):
+    for batch in plan_window(np.array([len(s.input_ids) for s in seqs]), budget):
         for i, o in zip(batch, teacher.score([seqs[i] for i in batch], k), strict=True):
             out[i] = o
     return [out[i] for i in range(len(seqs))]

@@ -7,13 +7,14 @@ repeat fall back to the paths as given.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rlkd_cache.config import EvalConfig
 from rlkd_cache.eval.metrics import CONSISTENCY_KS, OVERLAP_KS
 from rlkd_cache.eval.run import run_eval
+from rlkd_cache.store.atomic import atomic_path
 
 ROWS: tuple[str, ...] = (
     *(f"overlap@{k}" for k in OVERLAP_KS),
@@ -73,7 +74,7 @@ def render_table(results: Sequence[dict[str, Any]], labels: Sequence[str]) -> st
 
 def plot(results: Sequence[dict[str, Any]], labels: Sequence[str], out: str | Path) -> Path:
     """Write a PNG with two panels, overlap@k and consistency@k against k, one line per run
-    (written to a temp file and renamed)."""
+    (written atomically)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -98,18 +99,21 @@ def plot(results: Sequence[dict[str, Any]], labels: Sequence[str], out: str | Pa
         ax.grid(alpha=0.3)
         ax.legend()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     return out
 
 
 def compare_runs(
-    students: Sequence[str], cache_dir: str | Path, plot_path: str | Path, **settings: Any
+    students: Sequence[str],
+    cache_dir: str | Path,
+    cfg: EvalConfig,
+    plot_path: str | Path,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate each student (`run_eval` with `settings`), plot them; returns `cache`, `plot`
-    and `runs` (each result with its `label`)."""
-    results = [run_eval(student, cache_dir, **settings) for student in students]
+    """Evaluate each student (`run_eval` with `cfg`), plot them; returns `cache`, `plot` and
+    `runs` (each result with its `label`)."""
+    results = [run_eval(student, cache_dir, cfg, progress) for student in students]
     labels = labels_for(students)
     written = plot(results, labels, plot_path)
     runs = [{"label": label, **result} for label, result in zip(labels, results, strict=True)]

@@ -2,7 +2,7 @@
 
 Prompts and references come from a JSONL file with `prompt` and `response` fields (the prompt
 is rendered with the student tokenizer's chat template), or, for the word `cache`, from the
-eval cache's `responses.parquet` (written by `rlkd cache --responses teacher`): its `prompt`
+eval cache's saved teacher responses (written by `rlkd cache --responses teacher`): its `prompt`
 column is already rendered and is tokenized as it is, and the teacher's generations are the
 references. Generation mirrors the teacher's (`teacher/hf.py`): left-padded batches of at most
 `batch_tokens` padded tokens (prompt + new tokens), greedy, stopping at the student's
@@ -15,12 +15,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import torch
 
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.eval.metrics import mean_rouge_l
-from rlkd_cache.responses import RESPONSES
+from rlkd_cache.store.layout import CacheDir
 from rlkd_cache.store.reader import Cache
 from rlkd_cache.teacher.hf import generate_tokens
 
@@ -48,9 +47,9 @@ def read_jsonl_pairs(path: Path) -> list[tuple[str, str]]:
 
 def check_source(source: str, cache: Cache) -> None:
     """Fail early, before any model is loaded, when the prompts of `source` cannot be read."""
-    if source == "cache" and not (cache.dir / RESPONSES).is_file():
+    if source == "cache" and not cache.layout.has_responses():
         raise RlkdError(
-            f"--generate cache: the cache at {cache.dir} has no {RESPONSES} (make it with "
+            f"--generate cache: the cache at {cache.dir} has no {CacheDir.RESPONSES} (make it with "
             "`rlkd cache --responses teacher`, or pass a JSONL file of prompt/response)"
         )
     if source != "cache" and not Path(source).is_file():
@@ -62,7 +61,7 @@ def load_prompts(source: str, cache: Cache, tokenizer: Any) -> list[tuple[str, s
     teacher responses."""
     check_source(source, cache)
     if source == "cache":
-        table = pq.read_table(cache.dir / RESPONSES, columns=["prompt", "response"]).to_pydict()
+        table = cache.layout.read_responses(["prompt", "response"]).to_pydict()
         return list(zip(table["prompt"], table["response"], strict=True))
     if getattr(tokenizer, "chat_template", None) is None:
         raise RlkdError(f"--generate {source}: the student's tokenizer has no chat template")
@@ -117,7 +116,7 @@ def rouge_report(
     if not pairs:
         raise RlkdError(f"--generate {source}: no prompts to generate from")
     if max_new_tokens is None:
-        teacher = cache.manifest.get("identity", {}).get("generation", {})
+        teacher = cache.info.identity.get("generation", {})
         from_cache = source == "cache" and "max_new_tokens" in teacher
         max_new_tokens = teacher["max_new_tokens"] if from_cache else DEFAULT_MAX_NEW_TOKENS
     if max_new_tokens < 1:

@@ -22,15 +22,17 @@ from typing import Any
 
 import torch
 
+from rlkd_cache.config import EvalConfig, pick_device
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.eval.generate import check_source, rouge_report
 from rlkd_cache.eval.metrics import AlignmentMeter
+from rlkd_cache.store.atomic import write_json_atomic
 from rlkd_cache.store.fingerprint import folder_sha256
-from rlkd_cache.store.manifest import write_json_atomic
 from rlkd_cache.store.reader import Cache
 from rlkd_cache.train.batching import TokenBatcher
+from rlkd_cache.train.step import student_hidden
 from rlkd_cache.train.stream import CacheStream
-from rlkd_cache.train.student import check_compatible, hidden_at, lm_head, load_student
+from rlkd_cache.train.student import check_compatible, lm_head, load_student
 
 log = logging.getLogger("rlkd.eval")
 
@@ -63,16 +65,6 @@ def resolve_student(path: str | Path) -> tuple[Path, Path | None]:
     return folder, None
 
 
-def pick_device(name: str) -> torch.device:
-    """`auto` is CUDA when available, else the CPU; anything else is taken as a torch device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise RlkdError(f"--device {name!r}: {e}") from None
-
-
 @torch.no_grad()
 def alignment(
     model: Any,
@@ -86,18 +78,16 @@ def alignment(
     """`AlignmentMeter.result()` of `model` over every distilled position of `cache`."""
     from tqdm import tqdm
 
-    if chunk_size < 1:
-        raise RlkdError(f"--chunk-size must be >= 1, got {chunk_size}")
     was_training = model.training
     model.eval()
     weight, bias = lm_head(model)  # (V, H), (V,) or None
     meter = AlignmentMeter()
-    total = int(cache.manifest["totals"]["positions"])
+    total = cache.info.totals.positions
     bar = tqdm(total=total, unit="pos", desc="eval", disable=not progress)
     batcher = TokenBatcher(CacheStream(cache, seed=0, shuffle_buffer=1), batch_tokens=batch_tokens)
     for batch in batcher.epoch_batches(0):
         batch = batch.to(device)
-        hidden = hidden_at(model, batch.input_ids, batch.attention_mask, batch.row, batch.pos)
+        hidden = student_hidden(model, batch)  # (N, H), the training step's forward, fp32
         for start in range(0, batch.n_positions, chunk_size):
             end = start + chunk_size
             logits = torch.nn.functional.linear(hidden[start:end], weight, bias)  # (n, V)
@@ -150,37 +140,28 @@ def _save(run: Path, fingerprint: str, student_sha: str, metrics: dict[str, Any]
 
 
 def run_eval(
-    student: str | Path,
-    cache_dir: str | Path,
-    *,
-    batch_tokens: int = 4096,
-    chunk_size: int = 256,
-    device: str = "auto",
-    generate: str | None = None,
-    max_new_tokens: int | None = None,
-    limit: int | None = None,
-    recompute: bool = False,
-    progress: bool = False,
+    student: str | Path, cache_dir: str | Path, cfg: EvalConfig, progress: bool = False
 ) -> dict[str, Any]:
-    """Evaluate `student` (model or run folder) on the cache at `cache_dir`.
+    """Evaluate `student` (model or run folder) on the cache at `cache_dir` as `cfg` says.
 
     Returns `student` and `cache` (paths), every `AlignmentMeter` key, and with `generate`
     (a JSONL file or `cache`, see `generate.py`) also `rouge_l` and `generations`.
     """
+    generate = cfg.generate
     folder, run = resolve_student(student)
     cache = Cache(cache_dir)
     if generate is not None:
         check_source(generate, cache)
-    fingerprint = cache.manifest.get("fingerprint")
+    fingerprint = cache.info.fingerprint
     student_sha = None
     if run is not None and fingerprint:
         student_sha = folder_sha256(folder, memo_file=run / SHA_MEMO)
     metrics = None
-    if student_sha is not None and not recompute:
+    if student_sha is not None and not cfg.recompute:
         metrics = _saved(run, fingerprint, student_sha)
         if metrics is not None:
             log.info("reusing the saved result in %s", run / RESULTS)
-    target = pick_device(device)
+    target = pick_device(cfg.device)
     model = tokenizer = None
     if metrics is None or generate is not None:
         model, tokenizer = load_student(folder, target)
@@ -189,8 +170,8 @@ def run_eval(
         metrics = alignment(
             model,
             cache,
-            batch_tokens=batch_tokens,
-            chunk_size=chunk_size,
+            batch_tokens=cfg.batch_tokens,
+            chunk_size=cfg.chunk_size,
             device=target,
             progress=progress,
         )
@@ -203,9 +184,9 @@ def run_eval(
             tokenizer,
             generate,
             cache,
-            max_new_tokens=max_new_tokens,
-            limit=limit,
-            batch_tokens=batch_tokens,
+            max_new_tokens=cfg.max_new_tokens,
+            limit=cfg.limit,
+            batch_tokens=cfg.batch_tokens,
             device=target,
             progress=progress,
         )

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rlkd_cache.errors import FieldError
 from rlkd_cache.losses.kl import (
     KDKind,
     TailMode,
@@ -41,7 +42,7 @@ class LossConfig:
     """How the student's loss is built. Defaults follow the RLKD authors' scripts."""
 
     kd: KDKind = "fkl"
-    """Divergence for the KD term: fkl, rkl, js, tvd, sfkl, srkl or akl (see `kl.py`)."""
+    """Divergence for the KD term (see `KDKind` in `kl.py`)."""
     kd_weight: float = 0.5
     """Weight of the KD term; 0.5 gives the paper's L = L_rank + L_KD / 2."""
     rank_weight: float = 1.0
@@ -66,21 +67,26 @@ class LossConfig:
     """l2 regularization strength of the soft rank (torchsort's regularization_strength)."""
 
     def __post_init__(self) -> None:
-        choices = {"kd": KDKind, "tail": TailMode, "rank_union": UnionMode}
-        for name, kind in choices.items():
-            value = getattr(self, name)
-            if value not in get_args(kind):
-                raise ValueError(f"{name} must be one of {get_args(kind)}, got {value!r}")
+        """Fail on the first bad field with `FieldError` (a `ValueError` naming the field)."""
+        for name, kind in (("kd", KDKind), ("tail", TailMode), ("rank_union", UnionMode)):
+            if getattr(self, name) not in get_args(kind):
+                choices = list(get_args(kind))
+                raise FieldError(name, f"must be one of {choices}, got {getattr(self, name)!r}")
         for name in ("kd_weight", "rank_weight", "ce_weight"):
             weight = getattr(self, name)
             if not (math.isfinite(weight) and weight >= 0):
-                raise ValueError(f"{name} must be finite and >= 0, got {weight}")
-        if self.rank_k < 2:
-            raise ValueError(f"rank_k must be >= 2, got {self.rank_k}")
-        if not (self.temperature > 0 and self.rank_strength > 0):
-            raise ValueError("temperature and rank_strength must be > 0")
-        if not (0 < self.jsd_beta < 1 and 0 <= self.skew_alpha < 1 and 0 < self.akl_mu < 1):
-            raise ValueError("need 0 < jsd_beta < 1, 0 <= skew_alpha < 1, 0 < akl_mu < 1")
+                raise FieldError(name, f"must be finite and >= 0, got {weight!r}")
+        checks = (
+            ("rank_k", self.rank_k >= 2, ">= 2"),
+            ("temperature", self.temperature > 0, "> 0"),
+            ("rank_strength", self.rank_strength > 0, "> 0"),
+            ("jsd_beta", 0 < self.jsd_beta < 1, "in (0, 1)"),
+            ("skew_alpha", 0 <= self.skew_alpha < 1, "in [0, 1)"),
+            ("akl_mu", 0 < self.akl_mu < 1, "in (0, 1)"),
+        )
+        for name, ok, expected in checks:
+            if not ok:
+                raise FieldError(name, f"must be {expected}, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True, eq=False)

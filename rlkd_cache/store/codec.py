@@ -24,6 +24,7 @@ whole table. Figures are in `docs/cache-format.md` (from `benchmarks/store.py`).
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +67,30 @@ class Block:
     topk_ids: np.ndarray  # (N_pos, k) int32
     topk_logprobs: np.ndarray  # (N_pos, k) float32, descending
     target_logprobs: np.ndarray  # (N_pos,) float32
+
+    @classmethod
+    def from_sequences(
+        cls,
+        seq_ids: Sequence[str],
+        input_ids: Sequence[np.ndarray],
+        positions: Sequence[np.ndarray],
+        topk_ids: Sequence[np.ndarray],
+        topk_logprobs: Sequence[np.ndarray],
+        target_logprobs: Sequence[np.ndarray],
+    ) -> Block:
+        """A block of R sequences from their own arrays, row r's being `input_ids[r]` (T_r,),
+        `positions[r]` (P_r,), `topk_ids[r]` and `topk_logprobs[r]` (P_r, k) and
+        `target_logprobs[r]` (P_r,)."""
+        return cls(
+            seq_ids=list(seq_ids),
+            input_ids=np.concatenate(input_ids).astype(np.int32),
+            tok_off=offsets(np.array([len(t) for t in input_ids])),
+            positions=np.concatenate(positions).astype(np.int32),
+            pos_off=offsets(np.array([len(p) for p in positions])),
+            topk_ids=np.concatenate(topk_ids).astype(np.int32),
+            topk_logprobs=np.concatenate(topk_logprobs).astype(np.float32),
+            target_logprobs=np.concatenate(target_logprobs).astype(np.float32),
+        )
 
     @property
     def k(self) -> int:

@@ -7,12 +7,14 @@ second `rlkd cache` is a no-op and experiments share one cache by pointing at it
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
+
+from rlkd_cache.store.atomic import write_json_atomic
 
 
 def canonical_json(value: Any) -> str:
@@ -50,12 +52,8 @@ def folder_sha256(folder: Path, memo_file: Path | None = None) -> str:
     value = digest.hexdigest()
     if memo_file is not None:
         memo[key] = value
-        tmp = memo_file.with_name(f".{memo_file.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(memo))
-            tmp.replace(memo_file)
-        except OSError:
-            pass  # the memo is an optimization only
+        with contextlib.suppress(OSError):  # the memo is an optimization only
+            write_json_atomic(memo_file, memo)
     return value
 
 

@@ -1,8 +1,9 @@
 """Reading a cache: check the manifest, verify each shard's sha256, decode.
 
-`Cache` trusts only what the manifest lists. A shard whose bytes do not match the manifest's
-sha256 is refused with an error naming it. Decoding works a shard at a time (`Block`, flat
-arrays); `rows()` splits blocks into per-sequence `CacheRow`s for tools and tests.
+`Cache` trusts only what the manifest lists, and reads through `CacheDir`. A shard whose
+bytes do not match the manifest's sha256 is refused with an error naming it. Decoding works
+a shard at a time (`Block`, flat arrays); `rows()` splits blocks into per-sequence
+`CacheRow`s for tools and tests.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.store import codec
-from rlkd_cache.store.manifest import file_sha256, load_manifest
+from rlkd_cache.store.layout import CacheDir
+from rlkd_cache.store.manifest import Manifest
 
 
 @dataclass
@@ -33,51 +34,55 @@ class CacheRow:
 
 
 class Cache:
-    """A complete cache directory, opened through its manifest."""
+    """A complete cache directory, opened through its manifest: `manifest` is the document as
+    read (for tools and tests), `info` its typed form (what the library reads)."""
 
     def __init__(self, path: str | Path):
-        self.dir = Path(path)
-        self.manifest: dict[str, Any] = load_manifest(self.dir)
+        self.layout = CacheDir(path)
+        self.dir = self.layout.path
+        self.manifest: dict[str, Any] = self.layout.read_manifest()
+        self.info = Manifest.from_json(self.manifest, self.layout.file(CacheDir.MANIFEST))
 
     @property
     def k(self) -> int:
-        return int(self.manifest["k"])
+        return self.info.k
 
     @property
     def vocab_size(self) -> int:
-        return int(self.manifest["vocab_size"])
+        return self.info.vocab_size
 
     @property
     def shards(self) -> list[dict[str, Any]]:
+        """The manifest's shard entries, as in the document."""
         return list(self.manifest["shards"])
 
     def read_shard(self, index: int, verify: bool = True) -> codec.Block:
         """Decode shard `index`, after checking its sha256 against the manifest."""
-        entry = self.shards[index]
-        path = self.dir / entry["name"]
-        if not path.is_file():
+        entry = self.info.shards[index]
+        path = self.layout.file(entry.name)
+        if not self.layout.has(entry.name):
             raise RlkdError(f"{path}: shard listed in the manifest is missing")
         if verify:
-            actual = file_sha256(path)
-            if actual != entry["sha256"]:
+            actual = self.layout.sha256(entry.name)
+            if actual != entry.sha256:
                 raise RlkdError(
-                    f"{path}: checksum mismatch (manifest sha256 {entry['sha256'][:16]}..., "
+                    f"{path}: checksum mismatch (manifest sha256 {entry.sha256[:16]}..., "
                     f"file {actual[:16]}...): the shard is corrupt; delete the cache and rerun"
                 )
         try:
-            table = pq.read_table(path)
+            table = self.layout.read_table(entry.name)
         except Exception as e:  # pyarrow raises several types for damaged files
             raise RlkdError(f"{path}: cannot read Parquet ({type(e).__name__}: {e})") from None
         try:
             block = codec.decode(table)
         except RlkdError as e:
             raise RlkdError(f"{path}: {e}") from None
-        if len(block) != entry["rows"] or block.pos_off[-1] != entry["positions"]:
+        if len(block) != entry.rows or block.pos_off[-1] != entry.positions:
             raise RlkdError(f"{path}: rows or positions differ from the manifest")
         return block
 
     def blocks(self, verify: bool = True) -> Iterator[codec.Block]:
-        for index in range(len(self.shards)):
+        for index in range(len(self.info.shards)):
             yield self.read_shard(index, verify)
 
     def rows(self, verify: bool = True) -> Iterator[CacheRow]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rlkd_cache.errors import RlkdError
-from rlkd_cache.store.manifest import MANIFEST, file_sha256
+from rlkd_cache.store import codec
+from rlkd_cache.store.atomic import atomic_path
+from rlkd_cache.store.layout import cache_dirs
 from rlkd_cache.store.reader import Cache
 
 EXPORT_SCHEMA = pa.schema(
@@ -29,50 +30,50 @@ EXPORT_SCHEMA = pa.schema(
 
 def summary(cache: Cache) -> dict[str, Any]:
     """The facts `rlkd inspect` shows."""
-    m = cache.manifest
-    totals = m["totals"]
+    m = cache.info
+    totals = m.totals
     return {
         "path": str(cache.dir),
-        "fingerprint": m.get("fingerprint"),
-        "teacher": m.get("teacher", {}).get("name"),
-        "teacher_sha256": m.get("teacher", {}).get("sha256"),
-        "tokenizer_sha256": m["tokenizer"].get("sha256"),
-        "dataset": m.get("dataset", {}).get("source"),
-        "split": m.get("dataset", {}).get("split"),
-        "rows_as": m.get("dataset", {}).get("shape"),
-        "template": m.get("dataset", {}).get("template"),
-        "positions_mode": m.get("config", {}).get("positions"),
-        "backend": m.get("backend", {}).get("name"),
-        "k": m["k"],
-        "vocab_size": m["vocab_size"],
-        "max_logprob_error": m.get("max_logprob_error"),
-        "shards": totals["shards"],
-        "rows": totals["rows"],
-        "positions": totals["positions"],
-        "tokens": totals["tokens"],
-        "bytes": totals["bytes"],
-        "bytes_per_position": round(totals["bytes_per_position"], 2),
-        "mean_topk_mass": round(totals["mean_topk_mass"], 4),
-        "skipped_rows": m.get("skipped", {}),
-        "truncated_rows": m.get("truncated", 0),
-        "created": m.get("created"),
+        "fingerprint": m.fingerprint,
+        "teacher": m.teacher.name,
+        "teacher_sha256": m.teacher.sha256,
+        "tokenizer_sha256": m.tokenizer.sha256,
+        "dataset": m.dataset.get("source"),
+        "split": m.dataset.get("split"),
+        "rows_as": m.dataset.get("shape"),
+        "template": m.dataset.get("template"),
+        "positions_mode": m.config.get("positions"),
+        "backend": m.backend.name,
+        "k": m.k,
+        "vocab_size": m.vocab_size,
+        "max_logprob_error": m.max_logprob_error,
+        "shards": totals.shards,
+        "rows": totals.rows,
+        "positions": totals.positions,
+        "tokens": totals.tokens,
+        "bytes": totals.bytes,
+        "bytes_per_position": round(totals.bytes_per_position, 2),
+        "mean_topk_mass": round(totals.mean_topk_mass, 4),
+        "skipped_rows": m.skipped,
+        "truncated_rows": m.truncated,
+        "created": m.created,
     }
 
 
 def verify(path: str | Path) -> list[str]:
     """Problems found in a cache (empty if it is sound): checksums, sizes, decoding."""
     cache = Cache(path)
+    layout = cache.layout
     problems = []
-    for index, entry in enumerate(cache.shards):
-        shard = cache.dir / entry["name"]
-        if not shard.is_file():
+    for index, entry in enumerate(cache.info.shards):
+        shard = layout.file(entry.name)
+        if not layout.has(entry.name):
             problems.append(f"{shard}: missing")
             continue
-        if shard.stat().st_size != entry["bytes"]:
-            problems.append(
-                f"{shard}: {shard.stat().st_size} bytes, manifest says {entry['bytes']}"
-            )
-        if file_sha256(shard) != entry["sha256"]:
+        size = layout.size(entry.name)
+        if size != entry.bytes:
+            problems.append(f"{shard}: {size} bytes, manifest says {entry.bytes}")
+        if layout.sha256(entry.name) != entry.sha256:
             problems.append(f"{shard}: sha256 differs from the manifest (corrupt)")
             continue
         try:
@@ -84,27 +85,24 @@ def verify(path: str | Path) -> list[str]:
 
 def list_caches(root: str | Path) -> list[str]:
     """One line per cache directory under `root` (complete or not)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
     lines = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "models"):
-        if (folder / MANIFEST).is_file():
+    for layout in cache_dirs(root):
+        if layout.is_complete():
             try:
-                s = summary(Cache(folder))
+                s = summary(Cache(layout.path))
             except RlkdError as e:
-                lines.append(f"{folder}  unreadable: {e}")
+                lines.append(f"{layout}  unreadable: {e}")
                 continue
             lines.append(
-                f"{folder}  teacher={s['teacher']} "
+                f"{layout}  teacher={s['teacher']} "
                 f"data={Path(str(s['dataset'])).name}:{s['split']} "
                 f"k={s['k']} rows={s['rows']} positions={s['positions']} "
                 f"size={s['bytes'] / 2**20:.1f}MiB ({s['bytes_per_position']} B/pos)"
             )
-        elif any(folder.glob("shard-*.parquet")) or (folder / "plan.json").exists():
-            done = len(list(folder.glob("shard-*.parquet")))
+        elif layout.is_started():
+            done = len(layout.complete_shards())
             lines.append(
-                f"{folder}  incomplete ({done} shards written; rerun `rlkd cache` to resume)"
+                f"{layout}  incomplete ({done} shards written; rerun `rlkd cache` to resume)"
             )
     return lines
 
@@ -112,37 +110,40 @@ def list_caches(root: str | Path) -> list[str]:
 def export(path: str | Path, out: str | Path) -> int:
     """Write the decoded cache as plain Parquet (EXPORT_SCHEMA); return the row count."""
     cache = Cache(path)
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     rows = 0
-    with pq.ParquetWriter(tmp, EXPORT_SCHEMA, compression="zstd") as writer:
+    with (
+        atomic_path(Path(out)) as tmp,
+        pq.ParquetWriter(tmp, EXPORT_SCHEMA, compression="zstd") as writer,
+    ):
         for block in cache.blocks():
-            k = block.k
-            n = int(block.pos_off[-1])
-            inner = np.arange(n + 1, dtype=np.int32) * k
-            outer = block.pos_off.astype(np.int32)
-            arrays = [
-                pa.array(block.seq_ids, pa.string()),
-                pa.ListArray.from_arrays(
-                    pa.array(block.tok_off.astype(np.int32)), pa.array(block.input_ids)
-                ),
-                pa.ListArray.from_arrays(pa.array(outer), pa.array(block.positions)),
-                pa.ListArray.from_arrays(
-                    pa.array(outer),
-                    pa.ListArray.from_arrays(pa.array(inner), pa.array(block.topk_ids.ravel())),
-                ),
-                pa.ListArray.from_arrays(
-                    pa.array(outer),
-                    pa.ListArray.from_arrays(
-                        pa.array(inner), pa.array(block.topk_logprobs.ravel())
-                    ),
-                ),
-                pa.ListArray.from_arrays(pa.array(outer), pa.array(block.target_logprobs)),
-            ]
-            writer.write_table(pa.Table.from_arrays(arrays, schema=EXPORT_SCHEMA))
+            writer.write_table(export_table(block))
             rows += len(block)
-    tmp.replace(out)
     return rows
+
+
+def export_table(block: codec.Block) -> pa.Table:
+    """A decoded block in the plain form of EXPORT_SCHEMA."""
+    k = block.k
+    n = int(block.pos_off[-1])
+    inner = np.arange(n + 1, dtype=np.int32) * k
+    outer = block.pos_off.astype(np.int32)
+    arrays = [
+        pa.array(block.seq_ids, pa.string()),
+        pa.ListArray.from_arrays(
+            pa.array(block.tok_off.astype(np.int32)), pa.array(block.input_ids)
+        ),
+        pa.ListArray.from_arrays(pa.array(outer), pa.array(block.positions)),
+        pa.ListArray.from_arrays(
+            pa.array(outer),
+            pa.ListArray.from_arrays(pa.array(inner), pa.array(block.topk_ids.ravel())),
+        ),
+        pa.ListArray.from_arrays(
+            pa.array(outer),
+            pa.ListArray.from_arrays(pa.array(inner), pa.array(block.topk_logprobs.ravel())),
+        ),
+        pa.ListArray.from_arrays(pa.array(outer), pa.array(block.target_logprobs)),
+    ]
+    return pa.Table.from_arrays(arrays, schema=EXPORT_SCHEMA)
 
 
 def render(info: dict[str, Any]) -> str:

@@ -45,20 +45,3 @@ class TeacherBackend(Protocol):
         """Sampled continuations (token ids, end-of-turn excluded) of tokenized prompts, with
         `cfg.gen_*` settings (`CacheConfig`), in the prompts' order."""
         ...
-
-
-def make_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Group sequence indices into batches whose padded size (count x longest) stays within
-    `batch_tokens`; sorted by length so padding stays low. A sequence longer than the budget
-    gets a batch of its own. Deterministic for the same lengths."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        if current and (len(current) + 1) * lengths[i] > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches

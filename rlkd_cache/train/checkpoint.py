@@ -3,14 +3,13 @@
 A checkpoint is a folder `checkpoints/step-NNNNNNNN/` with `state.pt` (model, optimizer,
 scheduler and grad-scaler state dicts and RNG states: tensors and plain containers only,
 loaded with `weights_only=True`) and `trainer.json` (step, reader position, metrics). It is
-written to a hidden temp folder, fsynced and renamed, so a folder under its final name is
-complete; the newest `keep_last` are kept.
+written atomically (`store.atomic.atomic_dir`: a hidden temp folder, fsynced and renamed), so
+a folder under its final name is complete; the newest `keep_last` are kept.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,14 +17,7 @@ from typing import Any
 import torch
 
 from rlkd_cache.errors import RlkdError
-from rlkd_cache.store.manifest import fsync_dir
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        with path.open("rb") as fh:
-            os.fsync(fh.fileno())
-    fsync_dir(folder)
+from rlkd_cache.store.atomic import atomic_dir
 
 
 def rng_state() -> dict[str, Any]:
@@ -48,16 +40,9 @@ def save_checkpoint(
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save(tensors, tmp / "state.pt")
-    (tmp / "trainer.json").write_text(json.dumps({**trainer, "step": step}, indent=2))
-    _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    fsync_dir(root)
+    with atomic_dir(final) as tmp:
+        torch.save(tensors, tmp / "state.pt")
+        (tmp / "trainer.json").write_text(json.dumps({**trainer, "step": step}, indent=2))
     for old in checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -1,30 +1,31 @@
 """`rlkd train`: stream a cache and train a student with KL + the RLKD ranking loss.
 
-No teacher in memory: the cache supplies the teacher's top-k per position. Each optimizer
-step takes `grad_accum` token-budget micro-batches, divides every loss sum once by the step's
-count of distilled positions, clips, steps AdamW and the schedule. Metrics go to
-`metrics.jsonl` and TensorBoard; checkpoints (model, optimizer, schedule, RNG, reader
-position) make a killed run resumable to the same weights; the final student is saved with
-`save_pretrained` in `final/`.
+No teacher in memory: the cache supplies the teacher's top-k per position. `train` sets up a
+`Run` (student, reader, optimizer, schedule, loss scaler, resumed from a checkpoint when
+there is one), then loops over optimizer steps: each takes `grad_accum` token-budget
+micro-batches through `step.train_step` (every loss sum divided once by the step's count of
+distilled positions) and `step.optimizer_step` (clip, AdamW, schedule), then logs, evaluates
+and saves as configured. Metrics go to `metrics.jsonl` and TensorBoard; checkpoints (model,
+optimizer, schedule, scaler, RNG, reader position) make a killed run resumable to the same
+weights; the final student is saved with `save_pretrained` in `final/`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import time
-from dataclasses import asdict, fields
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
-from rlkd_cache.config import TrainConfig
+from rlkd_cache.config import TrainConfig, pick_device, validated
 from rlkd_cache.errors import RlkdError
-from rlkd_cache.losses import LossConfig, TeacherTopK, distill_loss
-from rlkd_cache.store.manifest import write_json_atomic
+from rlkd_cache.store.atomic import write_json_atomic
 from rlkd_cache.store.reader import Cache
 from rlkd_cache.train.batching import Batch, TokenBatcher
 from rlkd_cache.train.checkpoint import (
@@ -35,8 +36,15 @@ from rlkd_cache.train.checkpoint import (
     set_rng_state,
 )
 from rlkd_cache.train.evaluate import evaluate
+from rlkd_cache.train.step import (
+    NonFiniteLoss,
+    StepSettings,
+    autocast_for,
+    optimizer_step,
+    train_step,
+)
 from rlkd_cache.train.stream import CacheStream
-from rlkd_cache.train.student import check_compatible, hidden_at, lm_head, load_student
+from rlkd_cache.train.student import check_compatible, load_student
 
 log = logging.getLogger("rlkd.train")
 
@@ -55,11 +63,6 @@ NOT_RUN_DEFINING = (
 """Config keys that may differ when a run is continued."""
 
 
-def loss_config(cfg: TrainConfig) -> LossConfig:
-    names = {f.name for f in fields(LossConfig)}
-    return LossConfig(**{k: v for k, v in asdict(cfg).items() if k in names})
-
-
 def lr_factor(schedule: str, step: int, warmup: int, total: int) -> float:
     """Multiplier of the base learning rate after `step` optimizer steps."""
     if step < warmup:
@@ -72,25 +75,24 @@ def lr_factor(schedule: str, step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def autocast_for(precision: str, device: torch.device) -> Any:
-    if precision == "fp32":
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    if precision == "fp16" and device.type != "cuda":
-        raise RlkdError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    return lambda: torch.autocast(device.type, dtype=dtype)
+def config_differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """The run-defining keys in which a run folder's saved `config.json` differs from `cfg`.
+    A key the saved config lacks (written by an rlkd that had no such option) counts as the
+    option's default, so adding an option does not orphan existing runs."""
+    defaults = asdict(TrainConfig())
+    return sorted(
+        k
+        for k, value in asdict(cfg).items()
+        if k not in NOT_RUN_DEFINING and saved.get(k, defaults[k]) != value
+    )
 
 
-def head_matmul_dtype(precision: str) -> torch.dtype | None:
-    """dtype of the chunked LM head's matmuls: bf16 under bf16 autocast, as for the student's
-    other layers. fp16 keeps them in fp32: the head's gradients are formed in the forward,
-    before the loss scaler could keep their small values from flushing to zero in fp16."""
-    return torch.bfloat16 if precision == "bf16" else None
-
-
-def prepare_run_dir(cfg: TrainConfig) -> Path | None:
-    """Create the run folder; return the checkpoint to resume from, if any."""
+def prepare_run_dir(cfg: TrainConfig) -> list[Path]:
+    """Create the run folder; return the checkpoints to resume from, best first: the one
+    `--resume` names, or with `auto` the run's own, newest first (none for a new run)."""
     run = Path(cfg.output)
+    if run.exists() and not run.is_dir():
+        raise RlkdError(f"--output {run}: a file is there; expected a run folder (new or not)")
     saved_path = run / "config.json"
     resolved = asdict(cfg)
     if cfg.resume not in ("auto", "never"):
@@ -98,37 +100,62 @@ def prepare_run_dir(cfg: TrainConfig) -> Path | None:
         if not (checkpoint / "trainer.json").is_file():
             raise RlkdError(f"--resume {cfg.resume}: not a checkpoint folder (no trainer.json)")
     elif saved_path.is_file():
-        saved = json.loads(saved_path.read_text())
-        differs = sorted(
-            k for k in resolved if k not in NOT_RUN_DEFINING and saved.get(k) != resolved[k]
-        )
+        differs = config_differences(json.loads(saved_path.read_text()), cfg)
         if cfg.resume == "never" or differs:
             what = f" (differs in: {', '.join(differs)})" if differs else ""
             raise RlkdError(
                 f"{run} holds another run's config{what}: choose another --output, or pass "
                 "--resume auto with the same settings, or --resume CHECKPOINT to continue from it"
             )
-        found = checkpoints(run)
-        checkpoint = found[-1] if found else None
+        candidates = checkpoints(run)[::-1]
     else:
-        checkpoint = None
+        candidates = []
     run.mkdir(parents=True, exist_ok=True)
     write_json_atomic(saved_path, resolved)
-    return checkpoint
+    return [checkpoint] if cfg.resume not in ("auto", "never") else candidates
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> Path:
-    """Run training as configured; return the folder of the final student."""
-    from tqdm import tqdm
+@dataclass
+class Run:
+    """A training run's live state: what the loop advances and a checkpoint saves."""
 
-    if not cfg.cache or not cfg.student or not cfg.output:
-        raise RlkdError("--cache, --student and --output are required")
-    if cfg.grad_accum < 1 or cfg.batch_tokens < 2 or cfg.lr <= 0:
-        raise RlkdError("--grad-accum must be >= 1, --batch-tokens >= 2 and --lr > 0")
-    device = torch.device(
-        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    losses = loss_config(cfg)
+    cfg: TrainConfig
+    folder: Path
+    device: torch.device
+    model: Any
+    tokenizer: Any
+    settings: StepSettings
+    batcher: TokenBatcher
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    total_steps: int
+    epochs: int | None
+    eval_cache: Cache | None
+    step: int = 0
+    last_good: Path | None = None
+    """The newest checkpoint written or resumed from (named when a loss turns non-finite)."""
+    metrics: IO[str] | None = None
+    board: Any = None
+    tokens_seen: int = 0
+    started: float = field(default_factory=time.time)
+
+    def record(self, kind: str, values: dict[str, Any]) -> None:
+        """One line of `metrics.jsonl` and the numeric values in TensorBoard, at this step."""
+        assert self.metrics is not None
+        self.metrics.write(json.dumps({"kind": kind, "step": self.step, **values}) + "\n")
+        self.metrics.flush()
+        for name, value in values.items():
+            if isinstance(value, (int, float)):
+                self.board.add_scalar(f"{kind}/{name}", value, self.step)
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Load and check the student and caches, prepare the run folder, build the optimizer,
+    schedule and scaler, and resume from the newest checkpoint when there is one."""
+    device = pick_device(validated(cfg).device)  # checked where built; in code, here
+    settings = StepSettings.of(cfg)
+    autocast_for(cfg.precision, device)  # fails now, naming the flag, where it cannot run
     cache = Cache(cfg.cache)
     eval_cache = Cache(cfg.eval_cache) if cfg.eval_cache else None
     torch.manual_seed(cfg.seed)
@@ -137,12 +164,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     if eval_cache is not None:
         check_compatible(eval_cache, tokenizer, model, cfg.rank_k, "eval")
     resume_from = prepare_run_dir(cfg)
-    run = Path(cfg.output)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
     model.train()
-
     batcher = TokenBatcher(
         CacheStream(cache, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer),
         batch_tokens=cfg.batch_tokens,
@@ -157,152 +182,155 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         optimizer, lambda s: lr_factor(cfg.schedule, s, cfg.warmup_steps, total_steps)
     )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    autocast = autocast_for(cfg.precision, device)
-    step = 0
-    if resume_from is not None:
-        tensors, trainer = load_checkpoint(resume_from, device)
-        model.load_state_dict(tensors["model"])
-        optimizer.load_state_dict(tensors["optimizer"])
-        scheduler.load_state_dict(tensors["scheduler"])
-        scaler.load_state_dict(tensors["scaler"])
-        set_rng_state(tensors["rng"])
-        batcher.load_state_dict(trainer["batcher"])
-        step = int(trainer["step"])
-        log.info("resuming from %s (step %d)", resume_from, step)
+    run = Run(
+        cfg, Path(cfg.output), device, model, tokenizer, settings, batcher, optimizer,
+        scheduler, scaler, total_steps, epochs, eval_cache,
+    )  # fmt: skip
+    resume(run, resume_from, strict=cfg.resume not in ("auto", "never"))
+    return run
 
+
+def resume(run: Run, candidates: list[Path], strict: bool) -> None:
+    """Restore weights, optimizer, schedule, scaler, RNG and reader position from the first
+    of `candidates` that loads. `strict` (a checkpoint named by `--resume`): it must load.
+    Otherwise a damaged newest checkpoint is skipped with a warning naming it."""
+    for checkpoint in candidates:
+        try:
+            tensors, trainer = load_checkpoint(checkpoint, run.device)
+        except RlkdError as e:
+            if strict:
+                raise
+            log.warning("skipping a damaged checkpoint: %s; trying an older one", e)
+            continue
+        restore(run, checkpoint, tensors, trainer)
+        return
+    if candidates:
+        log.warning("no checkpoint of %s could be loaded: starting from step 0", run.folder)
+
+
+def restore(run: Run, checkpoint: Path, tensors: dict[str, Any], trainer: dict[str, Any]) -> None:
+    """Load a checkpoint's state into `run`."""
+    run.model.load_state_dict(tensors["model"])
+    run.optimizer.load_state_dict(tensors["optimizer"])
+    run.scheduler.load_state_dict(tensors["scheduler"])
+    run.scaler.load_state_dict(tensors["scaler"])
+    set_rng_state(tensors["rng"])
+    run.batcher.load_state_dict(trainer["batcher"])
+    run.step = int(trainer["step"])
+    run.last_good = checkpoint
+    log.info("resuming from %s (step %d)", checkpoint, run.step)
+
+
+def save(run: Run) -> None:
+    """Write a checkpoint of this step (the newest `keep_last` are kept)."""
+    tensors = {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "rng": rng_state(),
+    }
+    trainer = {"batcher": run.batcher.state_dict()}
+    run.last_good = save_checkpoint(run.folder, run.step, tensors, trainer, run.cfg.keep_last)
+
+
+def held_out(run: Run) -> None:
+    """Evaluate on the eval cache, if there is one, and record the result."""
+    if run.eval_cache is None:
+        return
+    result = evaluate(run.model, run.eval_cache, run.settings, batch_tokens=run.cfg.batch_tokens)
+    run.record("eval", result)
+    log.info(
+        "eval at step %d: kl %.4f, top-1 %.4f, loss %.4f",
+        run.step,
+        result["kl"],
+        result["top1"],
+        result["loss"],
+    )
+
+
+def one_step(run: Run, micro: list[Batch]) -> tuple[dict[str, float], float]:
+    """One optimizer step over `micro` (the step's micro-batches); (loss parts, grad norm)."""
+    micro = [b.to(run.device) for b in micro]
+    try:
+        parts = train_step(run.model, micro, run.settings, run.scaler)
+    except NonFiniteLoss as e:
+        where = run.last_good or "none (none saved yet)"
+        raise RlkdError(
+            f"{e} at step {run.step + 1}; stopped. The last good checkpoint is {where}"
+        ) from None
+    grad_norm = optimizer_step(run.model, run.optimizer, run.scaler, run.scheduler, run.cfg.clip)
+    run.step += 1
+    run.tokens_seen += sum(b.n_tokens for b in micro)
+    return parts, grad_norm
+
+
+def after_step(run: Run, parts: dict[str, float], grad_norm: float) -> None:
+    """Log, evaluate and save as configured after the step just taken."""
+    cfg, step, last = run.cfg, run.step, run.step == run.total_steps
+    if step % cfg.log_every == 0 or last:
+        run.record(
+            "train",
+            {
+                **parts,
+                "lr": run.scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens_per_s": run.tokens_seen / max(time.time() - run.started, 1e-9),
+                "epoch": run.batcher.epoch,
+                "padding_fraction": run.batcher.padding.fraction(),
+            },
+        )
+    if step % cfg.eval_every == 0 and not last:
+        held_out(run)
+    if step % cfg.save_every == 0 or last:
+        save(run)
+
+
+def step_batches(run: Run) -> Iterator[list[Batch]]:
+    """The micro-batches of each optimizer step until the steps or epochs are done."""
+    batches = run.batcher.batches(run.epochs)
+    while run.step < run.total_steps:
+        micro = [b for _, b in zip(range(run.cfg.grad_accum), batches, strict=False)]
+        if not micro:
+            return
+        yield micro
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> Path:
+    """Run training as configured; return the folder of the final student."""
     from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
 
-    board = SummaryWriter(str(run / "tensorboard"))
-    metrics_file = (run / "metrics.jsonl").open("a")
-    weight, bias = lm_head(model)
-
-    def record(kind: str, values: dict[str, Any]) -> None:
-        metrics_file.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
-        metrics_file.flush()
-        for name, value in values.items():
-            if isinstance(value, (int, float)):
-                board.add_scalar(f"{kind}/{name}", value, step)
-
-    def run_eval() -> None:
-        if eval_cache is not None:
-            result = evaluate(
-                model,
-                eval_cache,
-                losses,
-                batch_tokens=cfg.batch_tokens,
-                chunk_size=cfg.chunk_size,
-                device=device,
-                autocast=autocast,
-            )
-            record("eval", result)
-            log.info(
-                "eval at step %d: kl %.4f, top-1 %.4f, loss %.4f",
-                step,
-                result["kl"],
-                result["top1"],
-                result["loss"],
-            )
-
-    def checkpoint() -> Path:
-        tensors = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": rng_state(),
-        }
-        return save_checkpoint(run, step, tensors, {"batcher": batcher.state_dict()}, cfg.keep_last)
-
-    if step == 0:
-        run_eval()
-    batches = batcher.batches(epochs)
+    run = setup(cfg)
+    run.board = SummaryWriter(str(run.folder / "tensorboard"))
+    run.metrics = (run.folder / "metrics.jsonl").open("a")
+    if run.step == 0:
+        held_out(run)
     bar = tqdm(
-        total=total_steps,
-        initial=step,
+        total=run.total_steps,
+        initial=run.step,
         unit="step",
         desc="rlkd train",
         disable=not progress,
         dynamic_ncols=True,
     )
-    t0, tokens_seen = time.time(), 0
-    last_good = resume_from
     try:
-        while step < total_steps:
-            micro: list[Batch] = [b for _, b in zip(range(cfg.grad_accum), batches, strict=False)]
-            if not micro:
-                break
-            count = sum(b.n_positions for b in micro)
-            parts = {"kd": 0.0, "rank": 0.0, "ce": 0.0, "loss": 0.0}
-            for batch in micro:
-                batch = batch.to(device)
-                with autocast():
-                    hidden = hidden_at(
-                        model, batch.input_ids, batch.attention_mask, batch.row, batch.pos
-                    )
-                teacher = TeacherTopK(
-                    batch.topk_ids, batch.topk_logprobs, batch.target_ids, batch.target_logprobs
-                )
-                sums = distill_loss(
-                    hidden,
-                    weight,
-                    bias,
-                    teacher,
-                    None,
-                    losses,
-                    chunk_size=cfg.chunk_size,
-                    matmul_dtype=head_matmul_dtype(cfg.precision),
-                )
-                for name in ("kd", "rank", "ce"):
-                    value = float(getattr(sums, name))
-                    if not math.isfinite(value):
-                        raise RlkdError(
-                            f"non-finite {name} loss ({value}) at step {step + 1}; stopped. "
-                            f"The last good checkpoint is {last_good or 'none (none saved yet)'}"
-                        )
-                    parts[name] += value / count
-                parts["loss"] += float(sums.total.detach()) / count
-                scaler.scale(sums.total / count).backward()
-                tokens_seen += batch.n_tokens
-            if cfg.clip > 0:
-                scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
-            else:
-                grad_norm = float("nan")
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            rate = tokens_seen / max(time.time() - t0, 1e-9)
+        for micro in step_batches(run):
+            parts, grad_norm = one_step(run, micro)
+            rate = run.tokens_seen / max(time.time() - run.started, 1e-9)
             bar.update(1)
             bar.set_postfix_str(
                 f"loss {parts['loss']:.4f} kd {parts['kd']:.4f} rank {parts['rank']:.4f} "
                 f"{rate:,.0f} tok/s"
             )
-            if step % cfg.log_every == 0 or step == total_steps:
-                record(
-                    "train",
-                    {
-                        **parts,
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm,
-                        "positions": count,
-                        "tokens_per_s": rate,
-                        "epoch": batcher.epoch,
-                        "padding_fraction": batcher.padding.fraction(),
-                    },
-                )
-            if step % cfg.eval_every == 0 and step != total_steps:
-                run_eval()
-            if step % cfg.save_every == 0 or step == total_steps:
-                last_good = checkpoint()
+            after_step(run, parts, grad_norm)
     finally:
         bar.close()
-    run_eval()
-    metrics_file.close()
-    board.close()
-    final = run / "final"
-    model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
-    log.info("trained %d steps; final student in %s", step, final)
+    held_out(run)
+    run.metrics.close()
+    run.board.close()
+    final = run.folder / "final"
+    run.model.save_pretrained(final)
+    run.tokenizer.save_pretrained(final)
+    log.info("trained %d steps; final student in %s", run.step, final)
     return final

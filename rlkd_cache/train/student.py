@@ -37,13 +37,13 @@ def load_student(path: str | Path, device: torch.device) -> tuple[Any, Any]:
 
 def check_compatible(cache: Cache, tokenizer: Any, model: Any, rank_k: int, label: str) -> None:
     """Refuse a cache the student cannot learn from, naming both sides."""
-    cached = cache.manifest["tokenizer"]
+    cached = cache.info.tokenizer
     ours = vocab_sha256(tokenizer)
-    theirs = cached.get("vocab_sha256")
+    theirs = cached.vocab_sha256
     if ours != theirs:
         raise RlkdError(
             f"the student's tokenizer ({len(tokenizer)} tokens, vocab sha256 {ours[:12]}) differs "
-            f"from the {label} cache's ({cached.get('vocab_size')} tokens, vocab sha256 "
+            f"from the {label} cache's ({cached.vocab_size} tokens, vocab sha256 "
             f"{str(theirs)[:12]}) at {cache.dir}: distil with a student of the teacher's tokenizer"
         )
     head = model.get_output_embeddings().weight.shape[0]
