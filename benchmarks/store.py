@@ -4,7 +4,8 @@ Runs the embedded default teacher (SmolLM2-135M-Instruct, fp32, transformers bac
 over the bundled sample (chat-rendered prompt + response, every position distilled) at k=64,
 then for k in {5, 20, 64} writes one shard with our codec and one with the naive baseline
 (Parquet list<int32> ids + list<float16> log-probs, zstd), side by side in this run.
-Decode is measured from disk to numpy arrays on one core (pyarrow limited to one thread).
+Decode is measured from disk to numpy arrays on one core (pyarrow limited to one thread),
+through the reader's path (`decode_shard`: page checksums and content CRC checked).
 
     python benchmarks/store.py [--rows 360] [--cache-root DIR]
 
@@ -33,6 +34,7 @@ from rlkd_cache.data import load_rows, prepare
 from rlkd_cache.default_teacher import default_teacher
 from rlkd_cache.store import codec
 from rlkd_cache.store.layout import CacheDir
+from rlkd_cache.store.reader import decode_shard
 from rlkd_cache.store.writer import write_shard
 from rlkd_cache.teacher.hf import HFTeacher
 from rlkd_cache.train.batching import plan_window
@@ -55,10 +57,6 @@ def best_of(fn, repeats: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
-
-
-def read_and_decode(path: Path) -> codec.Block:
-    return codec.decode(pq.read_table(path))
 
 
 def naive_bytes(block: codec.Block) -> tuple[int, float]:
@@ -143,10 +141,10 @@ def main() -> None:
                 full.target_logprobs,
             )
             encode_s = best_of(partial(write_shard, layout, k, block, cfg.logprob_step), repeats=2)
-            path = layout.file(layout.shard_name(k))
-            size = path.stat().st_size
-            decoded = codec.decode(pq.read_table(path))
-            decode_s = best_of(partial(read_and_decode, path))
+            name = layout.shard_name(k)
+            size = layout.size(name)
+            decoded = decode_shard(layout, name)  # page checksums and content CRC checked
+            decode_s = best_of(partial(decode_shard, layout, name))
             assert np.array_equal(decoded.topk_ids, block.topk_ids)
             err = max(
                 np.abs(decoded.topk_logprobs - block.topk_logprobs).max(),

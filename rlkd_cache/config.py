@@ -25,6 +25,12 @@ import yaml
 from rlkd_cache.errors import FieldError, RlkdError
 from rlkd_cache.losses.chunked import LossConfig
 
+Precision = Literal["fp32", "bf16", "fp16"]
+"""Autocast precision of the student's forward ("fp32": none). Losses reduce in fp32."""
+
+Parallel = Literal["ddp", "fsdp"]
+"""How 2+ ranks hold the student: whole on every rank (DDP) or sharded across them (FSDP2)."""
+
 REQUIRED = {"required": True}
 """Field metadata: `validate` fails when the field is left empty; `--help` says [required]."""
 
@@ -125,6 +131,10 @@ class CacheConfig:
     """Fail on the first bad row (naming its index and field) instead of skipping it."""
     cache_root: str = field(default_factory=default_cache_root)
     """Directory that holds caches (and the converted default teacher)."""
+    lock_wait: float = 3600.0
+    """Seconds to wait while another run writes the same cache (the log names its host, pid
+    and start) before failing; 0 fails at once. If that run completes the cache meanwhile,
+    this one finds it done (see `store/lock.py`)."""
     num_shards_hint: int | None = None
     """Roughly how many shards to write. None: 262,144 positions per shard
     (`cache.POSITIONS_PER_SHARD`)."""
@@ -166,6 +176,7 @@ class CacheConfig:
                 ("max_length", self.max_length >= 2, ">= 2 tokens"),
                 ("logprob_step", 0 < self.logprob_step <= 1, "in (0, 1] nats"),
                 ("batch_tokens", self.batch_tokens >= 1, ">= 1"),
+                ("lock_wait", self.lock_wait >= 0, ">= 0 seconds"),
                 ("num_shards_hint", _none_or_positive(self.num_shards_hint), "None or >= 1"),
                 ("vllm_tensor_parallel_size", self.vllm_tensor_parallel_size >= 1, ">= 1"),
                 ("vllm_max_model_len", _none_or_positive(self.vllm_max_model_len), "None or >= 1"),
@@ -208,7 +219,7 @@ class TrainConfig(LossConfig):
     """Token budget of one micro-batch (padding included)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Precision = "fp32"
     """Autocast precision of the student forward; losses always reduce in fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward instead of keeping them (less memory, slower)."""
@@ -230,7 +241,14 @@ class TrainConfig(LossConfig):
     chunk_size: int = 256
     """Positions per chunk of the LM head + loss (peak memory ~ chunk_size x vocab)."""
     device: str = "auto"
-    """"auto" (cuda if available, else cpu), cpu, cuda or cuda:N."""
+    """"auto" (cuda if available, else cpu), cpu, cuda or cuda:N. Under torchrun every rank
+    takes cuda:LOCAL_RANK (auto, cuda) or the CPU (cpu)."""
+    parallel: Parallel = "ddp"
+    """Under torchrun with 2+ ranks: "ddp" keeps the whole student on every rank (DDP);
+    "fsdp" shards its weights, gradients and AdamW state across the ranks (FSDP2), for
+    students that do not fit one device. Either way each rank reads its own part of the cache
+    and the gradient is the one-process gradient of the global batch (docs/scale.md). Not
+    used by a single process."""
 
     def validate(self) -> None:
         """Raise `FieldError` for the first missing or bad field."""
@@ -376,16 +394,16 @@ def build_config(
     return cfg
 
 
-def read_yaml(path: str) -> dict[str, Any]:
-    """The mapping of config keys in the YAML file at `path`."""
+def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The mapping of keys in the YAML file at `path` (a `what`: config file, recipe)."""
     try:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
-        raise RlkdError(f"config file not found: {path}") from None
+        raise RlkdError(f"{what} not found: {path}") from None
     except yaml.YAMLError as e:
         raise RlkdError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(loaded, dict):
-        raise RlkdError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
+        raise RlkdError(f"{path}: expected a mapping of keys, got {type(loaded).__name__}")
     return loaded
 
 

@@ -22,12 +22,13 @@ from typing import Any
 import yaml
 
 from rlkd_cache.cache import resolve_model, run_cache
-from rlkd_cache.config import CacheConfig, EvalConfig, TrainConfig, build_config
+from rlkd_cache.config import CacheConfig, EvalConfig, TrainConfig, build_config, read_yaml
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.eval.compare import plot, render_table
 from rlkd_cache.eval.run import run_eval
 from rlkd_cache.store.atomic import write_json_atomic
-from rlkd_cache.train.loop import config_differences, train
+from rlkd_cache.train.loop import train
+from rlkd_cache.train.run_dir import config_differences
 from rlkd_cache.train.student_init import random_student, shallow_student
 
 log = logging.getLogger("rlkd.pipeline")
@@ -78,12 +79,7 @@ def set_key(tree: dict[str, Any], dotted: str) -> None:
 
 def load_recipe(path: str | Path, sets: Sequence[str] = ()) -> Recipe:
     """Read a recipe, apply `--set` overrides, and check every key against the stage configs."""
-    try:
-        tree = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise RlkdError(f"recipe not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise RlkdError(f"{path}: not valid YAML ({e})") from None
+    tree = read_yaml(path, "recipe")
     for dotted in sets:
         set_key(tree, dotted)
     try:

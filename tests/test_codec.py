@@ -141,6 +141,9 @@ def test_inconsistent_columns_are_refused():
     gaps[0] = gaps[0][:-1]  # one log-prob gap lost
     index = table.schema.get_field_index("lp_gaps")
     broken = table.set_column(index, "lp_gaps", pa.array(gaps, pa.list_(pa.int32())))
-    broken = broken.replace_schema_metadata(table.schema.metadata)
+    meta = table.schema.metadata
+    with pytest.raises(RlkdError, match="fails its check"):
+        codec.decode(broken.replace_schema_metadata(meta))
+    unchecked = {k: v for k, v in meta.items() if k != codec.CHECK_KEY}  # shards before the CRC
     with pytest.raises(RlkdError, match="inconsistent"):
-        codec.decode(broken)
+        codec.decode(broken.replace_schema_metadata(unchecked))

@@ -217,12 +217,12 @@ def test_writer_resumes_its_complete_shards_and_writes_the_manifest_last(tmp_pat
 
     layout = CacheDir(tmp_path / "cache")
     with CacheWriter(layout, 0.01) as writer:
-        assert writer.resume() == []
+        assert writer.resume([4, 8]) == []
         writer.submit(1, block(range(4, 12)))
     (layout.path / ".shard-00000.parquet.1.tmp").write_bytes(b"partial")  # a killed write
     assert not layout.is_complete()
     with CacheWriter(layout, 0.01) as writer:
-        assert writer.resume() == [1]
+        assert writer.resume([4, 8]) == [1]
         writer.submit(0, block(range(4)))
         manifest = writer.finish(facts())
     assert [s.name for s in manifest.shards] == ["shard-00000.parquet", "shard-00001.parquet"]
@@ -236,12 +236,13 @@ def test_writer_resumes_its_complete_shards_and_writes_the_manifest_last(tmp_pat
 def test_manifest_missing_a_field_is_refused_naming_the_file(tmp_path: Path):
     layout = CacheDir(tmp_path)
     document = facts().to_json()
-    del document["tokenizer"]["sha256"]
+    del document["tokenizer"]["sha256"], document["digest"]  # the digest would refuse it first
     layout.write_manifest(document)
     with pytest.raises(RlkdError, match=r"manifest\.json: corrupt manifest, missing 'sha256'"):
         Cache(tmp_path)
     older = facts().to_json()
     del older["responses"], older["tokenizer"]["vocab_sha256"]  # caches from before both
+    del older["digest"]  # and from before the digest
     layout.write_manifest(older)
     info = Cache(tmp_path).info
     assert info.responses.source == "dataset" and info.tokenizer.vocab_sha256 is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,10 +22,23 @@ from typing import Any
 TEMP_GLOB = ".*.tmp"
 """What every temp name matches (and nothing complete does)."""
 
+FAULT_AT = os.environ.get("RLKD_FAULT_AT", "")
+"""A test hook, read here only: `RLKD_FAULT_AT=before-rename:NAME` SIGKILLs this process
+right before the atomic rename of the file or folder NAME (its temp written and fsynced),
+`after-rename:NAME` right after it (the folder fsynced). tests/test_faults.py kills runs at
+exact points with it; unset, it does nothing."""
 
-def temp_path(final: Path) -> Path:
-    """The hidden temp name `final` is written under, in its folder, carrying the pid."""
-    return final.with_name(f".{final.name}.{os.getpid()}.tmp")
+
+def _fault_point(when: str, final: Path) -> None:
+    """The test hook `FAULT_AT`: SIGKILL this process if it names this point."""
+    if f"{when}:{final.name}" == FAULT_AT:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def temp_path(final: Path, owner: str | None = None) -> Path:
+    """The hidden temp name `final` is written under, in its folder, carrying its owner: this
+    process's pid, or `owner` for a write several processes share (a sharded checkpoint)."""
+    return final.with_name(f".{final.name}.{owner or os.getpid()}.tmp")
 
 
 def fsync(path: Path) -> None:
@@ -49,34 +63,51 @@ def atomic_path(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         fsync(tmp)
+        _fault_point("before-rename", final)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync(final.parent)
+    _fault_point("after-rename", final)
+
+
+def begin_dir(final: Path, owner: str | None = None) -> Path:
+    """The empty temp folder that will become the folder `final` (see `commit_dir`)."""
+    tmp = temp_path(Path(final), owner)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """fsync every file and folder under `tmp`, replace the folder `final` with it, fsync the
+    parent: `final` appears only complete."""
+    final = Path(final)
+    for folder, _, files in os.walk(tmp):
+        for name in files:
+            fsync(Path(folder) / name)
+        fsync(Path(folder))
+    if final.exists():
+        shutil.rmtree(final)
+    _fault_point("before-rename", final)
+    tmp.rename(final)
+    fsync(final.parent)
+    _fault_point("after-rename", final)
 
 
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """`atomic_path` for a folder: yield an empty temp folder to fill; when the block ends
-    without error, fsync its entries and itself, replace `final` (a folder) with it and fsync
-    the parent. On an error the temp folder is removed and `final` is untouched."""
-    final = Path(final)
-    tmp = temp_path(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    without error, `commit_dir` it. On an error the temp folder is removed and `final` is
+    untouched. (A folder that several processes fill uses `begin_dir` and `commit_dir`.)"""
+    tmp = begin_dir(final)
     try:
         yield tmp
-        for path in tmp.iterdir():
-            fsync(path)
-        fsync(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        commit_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync(final.parent)
 
 
 def write_json_atomic(path: Path, value: Any) -> None:

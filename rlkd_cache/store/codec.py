@@ -19,12 +19,19 @@ The integer columns use Parquet's BYTE_STREAM_SPLIT encoding, so zstd sees each 
 separately (the high planes are nearly all zero). Every column stays readable by stock
 Parquet tools; `rlkd export` writes the plain decoded form. Decoding is vectorized over a
 whole table. Figures are in `docs/cache-format.md` (from `benchmarks/store.py`).
+
+Integrity: the metadata carries a CRC-32 of the table's content (`CHECK_KEY`), which
+`decode` checks before decoding. Parquet page checksums cover page data only; this covers
+what they leave out (page headers, the footer: row counts, types, offsets, the codebook and
+the step), so a damaged shard is refused instead of decoding to different values.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+import json
+import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +56,10 @@ INT_COLUMNS = (
 SCHEMA = pa.schema([("seq_id", pa.string())] + [(c, pa.list_(pa.int32())) for c in INT_COLUMNS])
 
 CODEBOOK_KEY = b"rlkd.codebook"
+K_KEY = b"rlkd.k"
+STEP_KEY = b"rlkd.step"
+CHECK_KEY = b"rlkd.crc32"
+"""CRC-32 (hex) of the content: the codec metadata and every column (`content_crc`)."""
 
 
 @dataclass
@@ -188,44 +199,113 @@ def encode(block: Block, step: float) -> pa.Table:
     ]
     meta = {
         CODEBOOK_KEY: encode_codebook(order),
-        b"rlkd.k": str(k).encode(),
-        b"rlkd.step": repr(step).encode(),
+        K_KEY: str(k).encode(),
+        STEP_KEY: repr(step).encode(),
     }
-    return pa.Table.from_arrays(arrays, schema=SCHEMA.with_metadata(meta))
+    table = pa.Table.from_arrays(arrays, schema=SCHEMA)
+    meta[CHECK_KEY] = content_crc(meta, *_columns(table)).encode()
+    return table.replace_schema_metadata(meta)
 
 
-def _flat(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Values and offsets of a list<int32> column, whatever its chunking."""
-    col = table.column(name).combine_chunks()
-    offs = col.offsets.to_numpy().astype(np.int64)
-    values = col.values.to_numpy()[offs[0] : offs[-1]]
-    return values, offs - offs[0]
+Columns = dict[str, tuple[np.ndarray, np.ndarray]]
+"""Each integer column's (values, offsets from 0), as Parquet decoded them (`_columns`)."""
 
 
-def decode(table: pa.Table) -> Block:
-    """Decode a table written by `encode` (metadata included) back to a Block."""
+def _columns(table: pa.Table) -> tuple[list[str], Columns]:
+    """A table's seq ids and integer columns, flat, whatever their chunking."""
+    try:
+        seq_ids = table.column("seq_id").to_pylist()
+    except UnicodeDecodeError:
+        raise RlkdError("shard seq ids are not UTF-8") from None
+    columns = {}
+    for name in INT_COLUMNS:
+        col = table.column(name).combine_chunks()
+        offs = col.offsets.to_numpy().astype(np.int64)
+        columns[name] = (col.values.to_numpy()[offs[0] : offs[-1]], offs - offs[0])
+    return seq_ids, columns
+
+
+def content_crc(meta: Mapping[bytes, bytes], seq_ids: list[str], columns: Columns) -> str:
+    """CRC-32 (8 hex digits) of a shard's content: the codec metadata, the seq ids, and each
+    integer column's offsets and values, each part prefixed by its size."""
+    parts: list[bytes | np.ndarray] = [meta[CODEBOOK_KEY], meta[K_KEY], meta[STEP_KEY]]
+    parts.append(json.dumps(seq_ids).encode())
+    for name in INT_COLUMNS:
+        values, offs = columns[name]
+        parts += [offs.astype("<i8"), values.astype("<i4", copy=False)]
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(len(part).to_bytes(8, "little"), crc)
+        crc = zlib.crc32(memoryview(part).cast("B"), crc)
+    return f"{crc:08x}"
+
+
+def _checked(table: pa.Table) -> tuple[list[str], Columns]:
+    """`_columns`, after checking the table has the columns of `SCHEMA` and, if its metadata
+    has a content CRC (shards written before it have none), that its content matches it;
+    raise `RlkdError` otherwise."""
+    try:
+        types = {f.name: f.type for f in table.schema}
+    except UnicodeDecodeError:
+        raise RlkdError("shard column names are not UTF-8") from None
+    for field in SCHEMA:
+        if types.get(field.name) != field.type:
+            raise RlkdError(f"shard column {field.name!r} is missing or not {field.type}")
+    seq_ids, columns = _columns(table)
+    meta = table.schema.metadata or {}
+    if CHECK_KEY in meta:
+        try:
+            actual = content_crc(meta, seq_ids, columns)
+        except KeyError as e:
+            raise RlkdError(f"shard metadata is missing {e}") from None
+        if actual.encode() != meta[CHECK_KEY]:
+            raise RlkdError(
+                f"shard content fails its check (CRC-32 {actual}, recorded "
+                f"{meta[CHECK_KEY][:8]!r}): the file is damaged"
+            )
+    return seq_ids, columns
+
+
+def decode(table: pa.Table, k: int | None = None, step: float | None = None) -> Block:
+    """Decode a table written by `encode` (metadata included) back to a Block, after its
+    content check; with `k` or `step`, a table encoded with another k or step is refused."""
+    seq_ids, columns = _checked(table)
     meta = table.schema.metadata or {}
     try:
-        k, step = int(meta[b"rlkd.k"]), float(meta[b"rlkd.step"])
+        shard_k, shard_step = int(meta[K_KEY]), float(meta[STEP_KEY])
         codebook = decode_codebook(meta[CODEBOOK_KEY])
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, IndexError, zstandard.ZstdError) as e:
         raise RlkdError(f"shard metadata is missing or corrupt ({e})") from None
-    input_ids, tok_off = _flat(table, "input_ids")
-    positions, pos_off = _flat(table, "positions")
-    codes, _ = _flat(table, "topk_codes")
-    rank, _ = _flat(table, "target_rank")
-    top, _ = _flat(table, "lp_top")
-    gaps, _ = _flat(table, "lp_gaps")
-    extra, _ = _flat(table, "target_extra")
+    if shard_k < 1 or not 0 < shard_step < float("inf"):
+        raise RlkdError(f"shard metadata is corrupt (k={shard_k}, step={shard_step})")
+    for name, value, expected in (("k", shard_k, k), ("step", shard_step, step)):
+        if expected is not None and value != expected:
+            raise RlkdError(f"shard has {name}={value}, the manifest says {expected}")
+    return _decode(seq_ids, columns, shard_k, shard_step, codebook)
+
+
+def _decode(
+    seq_ids: list[str], columns: Columns, k: int, step: float, codebook: np.ndarray
+) -> Block:
+    """The body of `decode`: a Block from the columns of a shard with this k, step and
+    codebook."""
+    input_ids, tok_off = columns["input_ids"]
+    positions, pos_off = columns["positions"]
+    codes, _ = columns["topk_codes"]
+    rank, _ = columns["target_rank"]
+    top, _ = columns["lp_top"]
+    gaps, _ = columns["lp_gaps"]
+    extra, _ = columns["target_extra"]
     n = len(positions)
+    row_len = np.diff(tok_off)[np.repeat(np.arange(len(tok_off) - 1), np.diff(pos_off))]
     if (
         len(rank) != n
         or len(top) != n
         or len(gaps) != n * (k - 1)
         or np.any((rank < 0) | (rank > k))
+        or np.any((positions < 0) | (positions >= row_len - 1))  # t + 1 is in its row
     ):
         raise RlkdError("shard columns are inconsistent (positions, ranks and log-probs differ)")
-    seq_ids = table.column("seq_id").to_pylist()
     block = Block(
         seq_ids,
         input_ids,

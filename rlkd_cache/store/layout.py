@@ -5,7 +5,9 @@
   plan.json             rows per shard, so a resumed run splits the same way
   responses.parquet     the teacher's generations (`--responses teacher`), saved before scoring
   shard-NNNNN.parquet   complete shards
+  shard-NNNNN.parquet.json   each shard's record (sha256, size, stats), written with it
   .NAME.PID.tmp         a write in progress, or of a killed run: never read, deleted on resume
+  .lock                 held by the run writing the cache (`store/lock.py`); never data
   manifest.json         written last: the cache is complete only when it exists
 ```
 
@@ -19,15 +21,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rlkd_cache.errors import RlkdError
+from rlkd_cache.errors import RlkdError, disk_full, is_disk_full
+from rlkd_cache.store import lock
 from rlkd_cache.store.atomic import TEMP_GLOB, atomic_path, write_json_atomic
 
 NOT_CACHES = ("models",)
@@ -45,10 +49,15 @@ def file_sha256(path: Path) -> str:
 class CacheDir:
     """One cache directory (complete or not): its file names, and reading and writing them."""
 
+    LOCK = ".lock"
+    """The lock file (`store/lock.py`): hidden, matched by no glob of data or temp files."""
     MANIFEST = "manifest.json"
     PLAN = "plan.json"
     RESPONSES = "responses.parquet"
     SHARD_GLOB = "shard-*.parquet"
+    SHARD_NAME = re.compile(r"shard-([0-9]{5,})\.parquet")
+    """What every shard name is, exactly: a manifest naming anything else (a path, `..`, a
+    URL) is refused before any file is opened."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -60,12 +69,18 @@ class CacheDir:
     def shard_name(index: int) -> str:
         return f"shard-{index:05d}.parquet"
 
-    @staticmethod
-    def shard_index(name: str) -> int | None:
-        """The index in a shard's file name, or None for any other name."""
-        if name.startswith("shard-") and name.endswith(".parquet") and name[6:-8].isdigit():
-            return int(name[6:-8])
-        return None
+    @classmethod
+    def shard_index(cls, name: str) -> int | None:
+        """The index in a shard's file name (exactly `shard_name(index)`), or None for any
+        other name."""
+        match = cls.SHARD_NAME.fullmatch(name)
+        index = int(match.group(1)) if match else None
+        return index if index is not None and cls.shard_name(index) == name else None
+
+    @classmethod
+    def record_name(cls, index: int) -> str:
+        """The record of shard `index`: its sha256, size and stats, written with it."""
+        return cls.shard_name(index) + ".json"
 
     def file(self, name: str) -> Path:
         """Where the file `name` of this cache lives (for messages, and for benchmarks that
@@ -100,22 +115,71 @@ class CacheDir:
         """Make the directory (and the cache root) if it does not exist."""
         self.path.mkdir(parents=True, exist_ok=True)
 
-    def remove_temp_files(self) -> None:
-        """Delete temp files left by killed writes: never complete, never trusted."""
-        for stale in self.path.glob(TEMP_GLOB):
-            stale.unlink()
+    def locked(self, wait_s: float) -> AbstractContextManager[None]:
+        """Hold this cache's lock (`store/lock.py`) for the block: while another process
+        holds it, wait up to `wait_s` seconds, then fail naming it (0: at once)."""
+        return lock.hold(self.file(self.LOCK), wait_s)
 
-    def writing(self, name: str) -> AbstractContextManager[Path]:
+    def remove_temp_files(self) -> None:
+        """Delete temp files left by killed writes: never complete, never trusted.
+
+        All of them, under this cache's lock (taken here at once unless this process holds
+        it, failing with the holder's name if another one does): every writer of a cache
+        holds its lock, so while it is held here no live process writes in this directory
+        and every temp file in it is a dead write's. The owner pid in a temp name would not
+        tell as much: a killed run's pid is reused (in a container every run may get the same
+        one), and the pids of a peer on another host sharing the directory are not ours to
+        check."""
+        with self.locked(wait_s=0):
+            for stale in self.path.glob(TEMP_GLOB):
+                stale.unlink()
+
+    @contextmanager
+    def writing(self, name: str) -> Iterator[Path]:
         """A temp path to write the file `name` to; it appears under `name` only when the
-        block ends without error (`atomic_path`)."""
-        return atomic_path(self.file(name))
+        block ends without error (`atomic_path`). A full disk is one `RlkdError` naming it
+        (`_room_for`)."""
+        with self._room_for(name), atomic_path(self.file(name)) as tmp:
+            yield tmp
+
+    @contextmanager
+    def _room_for(self, name: str) -> Iterator[None]:
+        """Around a write of the file `name`: a full disk or quota becomes one `RlkdError`
+        naming the file and this directory (`errors.disk_full`); the atomic write left
+        nothing behind, so the rerun it asks for resumes."""
+        try:
+            yield
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            raise disk_full(name, self.path) from None
 
     def read_table(self, name: str, columns: list[str] | None = None) -> pa.Table:
-        return pq.read_table(self.file(name), columns=columns)
+        """A Parquet file of this cache, its page checksums verified (where it has them:
+        files written before they were are read unchecked)."""
+        return pq.read_table(self.file(name), columns=columns, page_checksum_verification=True)
 
     def footer_metadata(self, name: str) -> dict[bytes, bytes]:
         """The key-value metadata of a Parquet file's footer (its data is not read)."""
         return pq.ParquetFile(self.file(name)).metadata.metadata or {}
+
+    def read_record(self, index: int) -> Any:
+        """The JSON value of shard `index`'s record, or None if it has none (or an unreadable
+        one: its write never finished)."""
+        try:
+            return json.loads(self.file(self.record_name(index)).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+
+    def write_record(self, index: int, record: dict[str, Any]) -> None:
+        name = self.record_name(index)
+        with self._room_for(name):
+            write_json_atomic(self.file(name), record)
+
+    def remove_shard(self, index: int) -> None:
+        """Delete shard `index` and its record (a damaged shard, to be written again)."""
+        for name in (self.shard_name(index), self.record_name(index)):
+            self.file(name).unlink(missing_ok=True)
 
     def read_manifest(self) -> dict[str, Any]:
         """The manifest's JSON document; raise `RlkdError` naming the directory or the file
@@ -135,7 +199,8 @@ class CacheDir:
 
     def write_manifest(self, document: dict[str, Any]) -> None:
         """Write the manifest, atomically: call it last, after every shard."""
-        write_json_atomic(self.file(self.MANIFEST), document)
+        with self._room_for(self.MANIFEST):
+            write_json_atomic(self.file(self.MANIFEST), document)
 
     def read_plan(self, fingerprint: str) -> list[int] | None:
         """Rows per shard as saved by an earlier run for `fingerprint`, else None."""
@@ -151,9 +216,10 @@ class CacheDir:
             raise RlkdError(f"{path}: corrupt shard plan ({e}); delete it and rerun") from None
 
     def write_plan(self, fingerprint: str, shard_rows: list[int]) -> None:
-        write_json_atomic(
-            self.file(self.PLAN), {"fingerprint": fingerprint, "shard_rows": shard_rows}
-        )
+        with self._room_for(self.PLAN):
+            write_json_atomic(
+                self.file(self.PLAN), {"fingerprint": fingerprint, "shard_rows": shard_rows}
+            )
 
     def read_responses(self, columns: list[str] | None = None) -> pa.Table:
         """The saved teacher generations (seq_id, prompt, response)."""
@@ -161,7 +227,7 @@ class CacheDir:
 
     def write_responses(self, table: pa.Table) -> None:
         with self.writing(self.RESPONSES) as tmp:
-            pq.write_table(table, tmp, compression="zstd")
+            pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
 
 
 def cache_dirs(root: str | Path) -> Iterator[CacheDir]:

@@ -1,9 +1,11 @@
 """Reading a cache: check the manifest, verify each shard's sha256, decode.
 
-`Cache` trusts only what the manifest lists, and reads through `CacheDir`. A shard whose
-bytes do not match the manifest's sha256 is refused with an error naming it. Decoding works
-a shard at a time (`Block`, flat arrays); `rows()` splits blocks into per-sequence
-`CacheRow`s for tools and tests.
+`Cache` trusts only what the manifest lists (its digest checked, its shard names only shard
+file names), and reads through `CacheDir`. A shard whose bytes do not match the manifest's
+sha256 is refused with an error naming it; so is one whose in-file checks fail (Parquet page
+checksums, the codec's content CRC: `decode_shard`) or whose k, step, counts or token ids
+disagree with the manifest. Decoding works a shard at a time (`Block`, flat arrays);
+`rows()` splits blocks into per-sequence `CacheRow`s for tools and tests.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ class Cache:
         return list(self.manifest["shards"])
 
     def read_shard(self, index: int, verify: bool = True) -> codec.Block:
-        """Decode shard `index`, after checking its sha256 against the manifest."""
+        """Decode shard `index`, after checking its sha256 against the manifest; refuse one
+        that disagrees with the manifest (k, step, rows, positions, tokens, token ids)."""
         entry = self.info.shards[index]
         path = self.layout.file(entry.name)
         if not self.layout.has(entry.name):
@@ -69,16 +72,16 @@ class Cache:
                     f"{path}: checksum mismatch (manifest sha256 {entry.sha256[:16]}..., "
                     f"file {actual[:16]}...): the shard is corrupt; delete the cache and rerun"
                 )
-        try:
-            table = self.layout.read_table(entry.name)
-        except Exception as e:  # pyarrow raises several types for damaged files
-            raise RlkdError(f"{path}: cannot read Parquet ({type(e).__name__}: {e})") from None
-        try:
-            block = codec.decode(table)
-        except RlkdError as e:
-            raise RlkdError(f"{path}: {e}") from None
-        if len(block) != entry.rows or block.pos_off[-1] != entry.positions:
-            raise RlkdError(f"{path}: rows or positions differ from the manifest")
+        block = decode_shard(self.layout, entry.name, self.info.k, self.info.logprob_step)
+        counts = (len(block), block.pos_off[-1], block.tok_off[-1])
+        if counts != (entry.rows, entry.positions, entry.tokens):
+            raise RlkdError(f"{path}: rows, positions or tokens differ from the manifest")
+        for ids in (block.input_ids, block.topk_ids):
+            if ids.size and not 0 <= ids.min() <= ids.max() < self.info.vocab_size:
+                raise RlkdError(
+                    f"{path}: token ids outside the manifest's vocabulary "
+                    f"(vocab_size {self.info.vocab_size})"
+                )
         return block
 
     def blocks(self, verify: bool = True) -> Iterator[codec.Block]:
@@ -88,6 +91,23 @@ class Cache:
     def rows(self, verify: bool = True) -> Iterator[CacheRow]:
         for block in self.blocks(verify):
             yield from split_rows(block)
+
+
+def decode_shard(
+    layout: CacheDir, name: str, k: int | None = None, step: float | None = None
+) -> codec.Block:
+    """Read and decode the shard file `name` of `layout`, checking its page checksums and
+    content CRC (where it has them) and, if given, its k and step; raise `RlkdError` naming
+    the file for any damage."""
+    path = layout.file(name)
+    try:
+        table = layout.read_table(name)
+    except Exception as e:  # pyarrow raises several types for damaged files
+        raise RlkdError(f"{path}: cannot read Parquet ({type(e).__name__}: {e})") from None
+    try:
+        return codec.decode(table, k, step)
+    except RlkdError as e:
+        raise RlkdError(f"{path}: {e}") from None
 
 
 def split_rows(block: codec.Block) -> Iterator[CacheRow]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,13 @@ import pyarrow.parquet as pq
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.store import codec
 from rlkd_cache.store.atomic import atomic_path
-from rlkd_cache.store.layout import cache_dirs
+from rlkd_cache.store.fingerprint import fingerprint
+from rlkd_cache.store.layout import CacheDir, cache_dirs
+from rlkd_cache.store.manifest import DIGEST_KEY, ShardEntry
 from rlkd_cache.store.reader import Cache
+from rlkd_cache.store.writer import STATS_KEY
+
+log = logging.getLogger("rlkd.store")
 
 EXPORT_SCHEMA = pa.schema(
     [
@@ -61,10 +68,12 @@ def summary(cache: Cache) -> dict[str, Any]:
 
 
 def verify(path: str | Path) -> list[str]:
-    """Problems found in a cache (empty if it is sound): checksums, sizes, decoding."""
+    """Problems found in a cache (empty if it is sound): the manifest against its digest
+    (`Cache` refuses a mismatch; a manifest without one is a warning), its identity and the
+    directory name; each shard's checksum, size, footer stats and decoding."""
     cache = Cache(path)
     layout = cache.layout
-    problems = []
+    problems = manifest_problems(cache)
     for index, entry in enumerate(cache.info.shards):
         shard = layout.file(entry.name)
         if not layout.has(entry.name):
@@ -78,9 +87,44 @@ def verify(path: str | Path) -> list[str]:
             continue
         try:
             cache.read_shard(index, verify=False)
+            problems += footer_problems(layout, entry)
         except RlkdError as e:
             problems.append(str(e))
     return problems
+
+
+def manifest_problems(cache: Cache) -> list[str]:
+    """What is wrong with a cache's manifest as a whole: a fingerprint that is not its
+    identity's or not the directory's, no shards, totals that are not its shards' sums."""
+    manifest = cache.layout.file(CacheDir.MANIFEST)
+    info = cache.info
+    if DIGEST_KEY not in cache.manifest:
+        log.warning("warning: %s: no digest (written by an older rlkd): not checked", manifest)
+    problems = []
+    if fingerprint(info.identity) != info.fingerprint:
+        problems.append(f"{manifest}: the fingerprint is not the sha256 of its identity")
+    if not cache.dir.name.endswith(info.fingerprint[:16]):
+        problems.append(
+            f"{manifest}: fingerprint {info.fingerprint[:16]}... is not the directory's "
+            f"({cache.dir.name})"
+        )
+    if not info.shards:
+        problems.append(f"{manifest}: no shards")
+    if cache.manifest.get("totals") != asdict(info.totals):
+        problems.append(f"{manifest}: totals differ from the sums over its shards")
+    return problems
+
+
+def footer_problems(layout: CacheDir, entry: ShardEntry) -> list[str]:
+    """Where a shard's footer stats (written with it) differ from its manifest entry."""
+    shard = layout.file(entry.name)
+    try:
+        stats = json.loads(layout.footer_metadata(entry.name)[STATS_KEY])
+        written = {key: stats[key] for key in ("rows", "positions", "tokens", "topk_mass_sum")}
+    except (KeyError, TypeError, ValueError) as e:
+        return [f"{shard}: footer stats missing or corrupt ({e})"]
+    differ = [key for key, value in written.items() if getattr(entry, key) != value]
+    return [f"{shard}: {', '.join(differ)} differ from the footer's stats"] if differ else []
 
 
 def list_caches(root: str | Path) -> list[str]:

@@ -3,15 +3,18 @@
 `CacheWriter` is a context manager over one cache directory (`CacheDir`). Each shard is
 encoded and written in a background thread (so the teacher keeps running) through
 `CacheDir.writing`: it exists under its final name, `shard-NNNNN.parquet`, only when
-complete. Entering deletes the temp files a killed run left; `resume` takes over the
-complete shards it left (their stats read back from their footers) and says which they are.
-The manifest is written last, by `finish`.
+complete, and only after its record (`CacheDir.record_name`: the sha256 and size of the
+bytes written, and the stats) is on disk. Entering deletes the temp files a killed run left;
+`resume` takes over the complete shards it left that match their records, and has the rest
+redone. The manifest, written last by `finish`, carries the recorded hashes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -19,15 +22,18 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from rlkd_cache.store import codec
-from rlkd_cache.store.layout import CacheDir
+from rlkd_cache.store.layout import CacheDir, file_sha256
 from rlkd_cache.store.manifest import Manifest, ShardEntry
+
+log = logging.getLogger("rlkd.store")
 
 STATS_KEY = b"rlkd.stats"
 
 
 def parquet_options(level: int) -> dict[str, Any]:
     """Writer options: zstd, byte-stream-split integers, one big page per column chunk
-    (zstd finds more to share), no Arrow schema blob and no statistics in the footer."""
+    (zstd finds more to share), a CRC-32 per page (checked on every read), no Arrow schema
+    blob and no statistics in the footer."""
     return {
         "compression": "zstd",
         "compression_level": level,
@@ -36,6 +42,7 @@ def parquet_options(level: int) -> dict[str, Any]:
         "data_page_size": 64 << 20,
         "store_schema": False,
         "write_statistics": False,
+        "write_page_checksum": True,
     }
 
 
@@ -51,6 +58,9 @@ class CacheWriter:
         self._written: dict[int, ShardEntry] = {}
 
     def __enter__(self) -> CacheWriter:
+        """Make the directory and delete the temp files killed writes left there; that takes
+        the cache's lock, so it fails, naming the holder, while another process writes here
+        (`CacheDir.remove_temp_files`; `run_cache` already holds the lock)."""
         self.layout.create()
         self.layout.remove_temp_files()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlkd-writer")
@@ -62,13 +72,39 @@ class CacheWriter:
         if exc[0] is None:
             self.drain()
 
-    def resume(self) -> list[int]:
-        """Take over the complete shards an interrupted run left; return their indices."""
-        found = self.layout.complete_shards()
-        for index, name in found.items():
-            stats = json.loads(self.layout.footer_metadata(name)[STATS_KEY])
-            self._written[index] = _entry(self.layout, name, stats)
-        return sorted(found)
+    def resume(self, shard_rows: Sequence[int]) -> list[int]:
+        """Take over the complete shards an interrupted run left, for the plan that gives
+        shard i `shard_rows[i]` rows; return their indices. A shard beyond the plan is
+        ignored, and one that does not match its record (or has none) is deleted, to be
+        redone: both with a warning naming the file."""
+        for index, name in self.layout.complete_shards().items():
+            path = self.layout.file(name)
+            if index >= len(shard_rows):
+                log.warning(
+                    "warning: %s: not in the shard plan (%d shards): ignored", path, len(shard_rows)
+                )
+                continue
+            entry, problem = self._recorded(index, shard_rows[index])
+            if entry is None:
+                log.warning("warning: %s: %s; redoing it", path, problem)
+                self.layout.remove_shard(index)
+                continue
+            self._written[index] = entry
+        return sorted(self._written)
+
+    def _recorded(self, index: int, rows: int) -> tuple[ShardEntry | None, str]:
+        """Shard `index`'s manifest entry from its record, if the shard matches it and holds
+        `rows` rows; else None and what is wrong."""
+        name = self.layout.shard_name(index)
+        try:
+            entry = ShardEntry.from_json(self.layout.read_record(index))
+        except (KeyError, TypeError):
+            return None, "no complete record of its sha256 (its write did not finish)"
+        if entry.name != name or entry.rows != rows:
+            return None, f"its record is not of {name} with {rows} rows (another shard plan)"
+        if self.layout.sha256(name) != entry.sha256:
+            return None, "its sha256 differs from the one recorded when it was written (damaged)"
+        return entry, ""
 
     def submit(self, index: int, block: codec.Block) -> None:
         """Encode and write shard `index` in the background; re-raise earlier failures."""
@@ -99,7 +135,8 @@ class CacheWriter:
 def write_shard(
     layout: CacheDir, index: int, block: codec.Block, step: float, level: int = 19
 ) -> ShardEntry:
-    """Encode `block` and write it atomically as shard `index` of `layout`."""
+    """Encode `block` and write it atomically as shard `index` of `layout`, its record first:
+    the shard appears under its name only once its record is on disk."""
     table = codec.encode(block, step)
     stats = {
         "index": index,
@@ -112,20 +149,18 @@ def write_shard(
     metadata[STATS_KEY] = json.dumps(stats).encode()
     name = layout.shard_name(index)
     schema = table.schema.remove_metadata()
-    with layout.writing(name) as tmp, pq.ParquetWriter(tmp, schema, **parquet_options(level)) as w:
-        w.write_table(table.replace_schema_metadata(None), row_group_size=len(block) or 1)
-        w.add_key_value_metadata(metadata)
-    return _entry(layout, name, stats)
-
-
-def _entry(layout: CacheDir, name: str, stats: dict[str, Any]) -> ShardEntry:
-    """The manifest entry of a complete shard, from the stats in its footer."""
-    return ShardEntry(
-        name=name,
-        rows=stats["rows"],
-        positions=stats["positions"],
-        tokens=stats["tokens"],
-        bytes=layout.size(name),
-        sha256=layout.sha256(name),
-        topk_mass_sum=stats["topk_mass_sum"],
-    )
+    with layout.writing(name) as tmp:
+        with pq.ParquetWriter(tmp, schema, **parquet_options(level)) as w:
+            w.write_table(table.replace_schema_metadata(None), row_group_size=len(block) or 1)
+            w.add_key_value_metadata(metadata)
+        entry = ShardEntry(
+            name=name,
+            rows=stats["rows"],
+            positions=stats["positions"],
+            tokens=stats["tokens"],
+            bytes=tmp.stat().st_size,
+            sha256=file_sha256(tmp),
+            topk_mass_sum=stats["topk_mass_sum"],
+        )
+        layout.write_record(index, dataclasses.asdict(entry))
+    return entry

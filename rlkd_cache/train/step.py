@@ -11,6 +11,11 @@
   loss scaler), then the parts are checked finite; `optimizer_step` unscales, clips, steps
   the optimizer, the scaler and the schedule.
 
+Under torchrun the same `train_step` runs on every rank with the student wrapped by
+`distributed.wrap` (DDP or FSDP2, gradients summed over ranks) and the step's GLOBAL count
+(all ranks, all micro-batches, all-reduced by the loop before any backward), so the summed
+gradient is the one-process gradient of the whole global batch.
+
 `benchmarks/train_step.py` times `train_step` + `optimizer_step` themselves, and a test checks
 that the loop and the benchmark hold the same function objects.
 """
@@ -21,18 +26,17 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from rlkd_cache.config import Precision
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.losses import LossConfig, LossSums, TeacherTopK, distill_loss
 from rlkd_cache.train.batching import Batch
+from rlkd_cache.train.distributed import call, grad_sync
 from rlkd_cache.train.student import hidden_at, lm_head
-
-Precision = Literal["fp32", "bf16", "fp16"]
-"""Autocast precision of the student's forward ("fp32": none). Losses reduce in fp32."""
 
 PARTS = ("kd", "rank", "ce")
 """The loss terms logged per step, besides their weighted total `loss`."""
@@ -120,22 +124,29 @@ def train_step(
     micro: Sequence[Batch],
     settings: StepSettings,
     scaler: torch.amp.GradScaler,
+    count: int | None = None,
 ) -> dict[str, float]:
     """Forward and backward of one optimizer step's micro-batches (already on the device).
 
-    Every loss sum is divided once by the step's count of distilled positions (all
-    micro-batches), so accumulation gives the gradient of one big batch. Returns the
-    per-position means `kd`, `rank`, `ce`, `loss` and the count `positions`; raises
-    `NonFiniteLoss` naming the term when one is not finite (before any optimizer step).
+    Every loss sum is divided once by `count`, the step's count of distilled positions: over
+    all micro-batches of all ranks under torchrun (the caller all-reduces it), or with None
+    over `micro` (one process). So accumulation and data parallelism give the gradient of
+    one big batch. `model` is the student, or its `distributed.wrap` wrapper: then each
+    micro-batch runs through the wrapper's forward and gradients are synchronized across
+    ranks on the last micro-batch only. Returns this call's share of the per-position means
+    `kd`, `rank`, `ce`, `loss` (its sums / `count`: the ranks' shares add up to the global
+    means) and `positions` = `count`; raises `NonFiniteLoss` naming the term when one is not
+    finite (before any optimizer step).
     """
-    count = sum(b.n_positions for b in micro)
+    count = sum(b.n_positions for b in micro) if count is None else count
     parts = dict.fromkeys((*PARTS, "loss"), 0.0)
-    for batch in micro:
-        sums = micro_step(model, batch, settings).sums
-        for name in PARTS:
-            parts[name] += float(getattr(sums, name)) / max(count, 1)
-        parts["loss"] += float(sums.total.detach()) / max(count, 1)
-        scaler.scale(sums.total / max(count, 1)).backward()
+    for i, batch in enumerate(micro):
+        with grad_sync(model, sync=i == len(micro) - 1):
+            sums = call(model, micro_step, batch, settings).sums
+            for name in PARTS:
+                parts[name] += float(getattr(sums, name)) / max(count, 1)
+            parts["loss"] += float(sums.total.detach()) / max(count, 1)
+            scaler.scale(sums.total / max(count, 1)).backward()
     for name in (*PARTS, "loss"):
         if not math.isfinite(parts[name]):
             raise NonFiniteLoss(f"non-finite {name} loss ({parts[name]})")

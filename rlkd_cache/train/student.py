@@ -30,6 +30,11 @@ def load_student(path: str | Path, device: torch.device) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise RlkdError(f"cannot load student from {path}: {e}") from None
+    except RuntimeError as e:  # transformers: the weights' shapes differ from config.json's
+        raise RlkdError(
+            f"cannot load student from {path}: its weights do not fit its config.json "
+            f"(for example vocab_size differs from the embedding's rows): {str(e)[:200]}"
+        ) from None
     if getattr(model.config, "final_logit_softcapping", None):
         raise RlkdError(f"{path}: students with logit soft-capping are not supported")
     return model.to(device), tokenizer
