@@ -132,6 +132,7 @@ def test_every_loss_field_is_a_yaml_key_and_a_flag(tmp_path: Path):
         (["--device", "nonsense"], "--device must be auto or a torch device"),
         (["--rank-k", "0"], "--rank-k must be >= 2, got 0"),
         (["--max-steps", "0"], "--max-steps must be None or >= 1, got 0"),
+        (["--max-steps", "-2"], "--max-steps must be None or >= 1, got -2"),
         (["--epochs", "0"], "--epochs must be >= 1, got 0"),
         (["--keep-last", "0"], "--keep-last must be >= 1, got 0"),
         (["--chunk-size", "0"], "--chunk-size must be >= 1, got 0"),
