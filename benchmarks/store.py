@@ -39,15 +39,7 @@ from rlkd_cache.store.writer import write_shard
 from rlkd_cache.teacher.hf import HFTeacher
 from rlkd_cache.train.batching import plan_window
 
-FIELDS = (
-    "input_ids",
-    "tok_off",
-    "positions",
-    "pos_off",
-    "topk_ids",
-    "topk_logprobs",
-    "target_logprobs",
-)
+FIELDS = codec.ARRAYS
 
 
 def best_of(fn, repeats: int = 5) -> float:

@@ -32,7 +32,7 @@ import base64
 import json
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import pyarrow as pa
@@ -114,6 +114,10 @@ class Block:
         """The actual next token at every position: input_ids[t + 1] of its row. (N_pos,)"""
         row = np.repeat(np.arange(len(self)), np.diff(self.pos_off))
         return self.input_ids[self.tok_off[:-1][row] + self.positions + 1]
+
+
+ARRAYS = tuple(f.name for f in fields(Block) if f.name != "seq_ids")
+"""The names of a `Block`'s arrays, in field order (what two blocks compare equal on)."""
 
 
 def offsets(lengths: np.ndarray) -> np.ndarray:

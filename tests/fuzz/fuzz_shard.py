@@ -30,15 +30,7 @@ from rlkd_cache.store.writer import write_shard
 
 MUTATIONS = ("flip", "truncate", "insert")
 
-BLOCK_FIELDS = (
-    "input_ids",
-    "tok_off",
-    "positions",
-    "pos_off",
-    "topk_ids",
-    "topk_logprobs",
-    "target_logprobs",
-)
+BLOCK_FIELDS = codec.ARRAYS
 
 
 def mutate(good: bytes, kind: str, offset: int, value: bytes) -> bytes:
