@@ -648,7 +648,8 @@ def test_two_concurrent_runs_on_one_cache_do_the_work_once(sharded, tmp_path, ti
 @pytest.fixture
 def tmpfs(tmp_path) -> Iterator[Callable[[str], Path]]:
     """Mount a small tmpfs of a given size (`mount -t tmpfs`, as root) under tmp_path; each is
-    unmounted after the test. Skips, with mount's own words, where mounting is refused."""
+    unmounted after the test. Fails loudly, with mount's own words, where mounting is refused:
+    the disk-full promise is then untested, which must not pass unnoticed."""
     mounted: list[Path] = []
 
     def mount(size: str) -> Path:
@@ -658,9 +659,9 @@ def tmpfs(tmp_path) -> Iterator[Callable[[str], Path]]:
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=60)
         except FileNotFoundError as e:
-            pytest.skip(f"cannot mount a tmpfs here: {e}")
+            pytest.fail(f"cannot mount a tmpfs here (the disk-full tests need root and tmpfs): {e}")
         if done.returncode != 0:
-            pytest.skip(f"`{' '.join(command)}` failed ({done.returncode}): {done.stderr.strip()}")
+            pytest.fail(f"`{' '.join(command)}` failed ({done.returncode}): {done.stderr.strip()}")
         mounted.append(point)
         return point
 
