@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo ablation test lint bench
+.PHONY: install demo ablation rank-ablation test lint bench
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ demo: install
 ablation: install
 	$(BIN)/rlkd run pipelines/ablation.yaml
 
+# the two regimes of docs/results.md's "Choosing the default loss" (about 3 hours on 2 cores)
+rank-ablation: install
+	$(BIN)/rlkd run pipelines/rank-chat.yaml
+	$(BIN)/rlkd run pipelines/rank-plain.yaml
+
 test: install lint
 	$(BIN)/python -m pytest -q
 
@@ -37,5 +42,6 @@ bench: install
 	$(BIN)/python benchmarks/store.py
 	$(BIN)/python benchmarks/loss_memory.py
 	$(BIN)/python benchmarks/loader.py
-	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/train_step.py --losses authors,dcg,midpoint
+	$(BIN)/python benchmarks/rank_guess.py
 	$(BIN)/python benchmarks/cache_throughput.py --backend both

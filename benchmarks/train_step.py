@@ -34,12 +34,17 @@ Memory: each variant in a fresh subprocess, after one warmup step (AdamW state a
 The memory goal is checked on `step` (`state` is the same for sft and cached by construction);
 `peak` = state + step is printed too.
 
+`--losses authors,dcg,...` also times `rlkd train`'s step with other loss settings (names of
+`LOSSES`: a preset or one changed field), interleaved with the others, as `cached:NAME`, and
+prints each one's step time over the default's and over sft's (the ranking variants must keep
+cached / sft within the time goal).
+
 Goals (issue 4): cached step time <= 1.10x sft's; cached peak memory <= 1.10x sft's; online
 >= 2x slower than cached. Prints one line per variant and, LAST, one JSON object.
 
     python benchmarks/train_step.py [--cache-root DIR] [--batch-tokens 2048] [--batches 4]
         [--rounds 3] [--device cpu|cuda] [--precision fp32|bf16] [--student-config shallow|1b]
-        [--threads N] [--skip-memory]
+        [--threads N] [--skip-memory] [--losses authors,dcg,midpoint]
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from rlkd_cache.cache import run_cache
 from rlkd_cache.config import CacheConfig, TrainConfig
 from rlkd_cache.default_teacher import default_teacher
+from rlkd_cache.losses.chunked import PRESETS
 from rlkd_cache.store.reader import Cache
 from rlkd_cache.train.batching import Batch, TokenBatcher
 from rlkd_cache.train.step import StepSettings, autocast_for, optimizer_step, train_step
@@ -77,6 +83,15 @@ GOAL_MEMORY_MAX = 1.10
 GOAL_ONLINE_MIN = 2.0
 MIB = 2**20
 TRAIN = TrainConfig()
+LOSSES: dict[str, dict[str, Any]] = {
+    "authors": PRESETS["authors"],
+    "flat": {"rank_weighting": "flat"},
+    "dcg": {"rank_weighting": "dcg"},
+    "uniform_tail": {"rank_guess": "uniform_tail"},
+    "midpoint": {"rank_guess": "midpoint"},
+    "extrapolate": {"rank_guess": "extrapolate"},
+}
+"""Loss settings `--losses` can time against the default: a preset or one changed field."""
 
 
 def llama_1b_config(vocab_size: int) -> LlamaConfig:
@@ -149,15 +164,21 @@ class Steps:
         self.device = next(model.parameters()).device
         self.autocast = autocast_for(args.precision, self.device)
         cfg = dataclasses.replace(TRAIN, precision=args.precision, chunk_size=args.chunk_size)
-        self.settings = StepSettings.of(cfg)  # the trainer's: fkl + bucket, rank_k 15, R + KD/2
+        self.settings = StepSettings.of(cfg)  # the trainer's default loss
+        self.variants = {  # cached:NAME -> the step's settings with that loss
+            f"cached:{name}": StepSettings.of(dataclasses.replace(cfg, **LOSSES[name]))
+            for name in args.losses
+        }
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=TRAIN.lr, weight_decay=TRAIN.weight_decay
         )
 
-    def run(self, variant: Variant, batch: Batch) -> None:
+    def run(self, variant: str, batch: Batch) -> None:
         if variant == "cached":
             train_step(self.model, [batch], self.settings, self.scaler)
+        elif variant in self.variants:
+            train_step(self.model, [batch], self.variants[variant], self.scaler)
         else:
             {"sft": self.sft, "online": self.online}[variant](batch)
         optimizer_step(self.model, self.optimizer, self.scaler, None, TRAIN.clip)
@@ -255,15 +276,16 @@ def measure_time(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """All variants interleaved step by step in this process; median seconds and rates."""
     steps, batches = setup(args, VARIANTS)
     device = steps.device
-    for variant in VARIANTS:
+    timed = [*VARIANTS, *steps.variants]
+    for variant in timed:
         for _ in range(args.warmup):
             steps.run(variant, batches[0])
-    seconds: dict[Variant, list[float]] = {v: [] for v in VARIANTS}
+    seconds: dict[str, list[float]] = {v: [] for v in timed}
     for r in range(args.rounds):
         for b, batch in enumerate(batches):
             turn = r * len(batches) + b
-            for i in range(len(VARIANTS)):
-                variant = VARIANTS[(turn + i) % len(VARIANTS)]  # rotate who goes first
+            for i in range(len(timed)):
+                variant = timed[(turn + i) % len(timed)]  # rotate who goes first
                 sync(device)
                 start = time.perf_counter()
                 steps.run(variant, batch)
@@ -285,6 +307,11 @@ def measure_time(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     paired = [c / s for c, s in zip(seconds["cached"], seconds["sft"], strict=True)]
     result["cached"]["paired_over_sft"] = statistics.median(paired)
     return result
+
+
+def steps_of(timing: dict[str, dict[str, float]]) -> list[str]:
+    """The `--losses` variants among the timed ones (`cached:NAME`)."""
+    return [v for v in timing if v.startswith("cached:")]
 
 
 def met(ok: bool) -> str:
@@ -312,6 +339,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=49_152, help="1b student's vocab")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--skip-memory", action="store_true", help="time only")
+    parser.add_argument(
+        "--losses",
+        type=lambda s: [name for name in s.split(",") if name],
+        default=[],
+        help=f"loss settings to time against the default, from {sorted(LOSSES)}",
+    )
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -356,6 +389,15 @@ def main() -> None:
         f"<= {GOAL_TIME_MAX} goal; online / cached {online_ratio:.2f}: "
         f"{met(online_ratio >= GOAL_ONLINE_MIN)} the >= {GOAL_ONLINE_MIN} goal"
     )
+    for variant in steps_of(timing):
+        t = timing[variant]
+        over_default = t["median_s"] / timing["cached"]["median_s"]
+        over_sft = t["median_s"] / timing["sft"]["median_s"]
+        print(
+            f"{variant}: {1e3 * t['median_s']:.1f} ms/step, {over_default:.3f}x the default's "
+            f"step, {over_sft:.3f}x sft's: {met(over_sft <= GOAL_TIME_MAX)} the "
+            f"<= {GOAL_TIME_MAX} goal"
+        )
     summary: dict[str, Any] = {
         "benchmark": "train_step",
         "device": args.device,
@@ -376,6 +418,14 @@ def main() -> None:
         "goal_time_met": time_ratio <= GOAL_TIME_MAX,
         "goal_online_min": GOAL_ONLINE_MIN,
         "goal_online_met": online_ratio >= GOAL_ONLINE_MIN,
+        **{
+            f"{v}_over_cached_time": round(timing[v]["median_s"] / timing["cached"]["median_s"], 3)
+            for v in steps_of(timing)
+        },
+        **{
+            f"{v}_over_sft_time": round(timing[v]["median_s"] / timing["sft"]["median_s"], 3)
+            for v in steps_of(timing)
+        },
     }
     if memory:
         memory_ratio = memory["cached"]["step_mib"] / memory["sft"]["step_mib"]

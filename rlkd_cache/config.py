@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from rlkd_cache.errors import FieldError, RlkdError
-from rlkd_cache.losses.chunked import LossConfig
+from rlkd_cache.losses.chunked import PRESETS, LossConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
 """Autocast precision of the student's forward ("fp32": none). Losses reduce in fp32."""
@@ -386,6 +386,8 @@ def build_config(
             raise RlkdError(f"unknown option {flag(key)}")
         labels[key] = flag(key)
         values[key] = _check_type(labels[key], value, hints[key])
+    for key, value in PRESETS.get(values.get("preset", "none"), {}).items():
+        values.setdefault(key, value)  # a preset fills the loss fields not given
     try:
         cfg = cls(**values)
         cfg.validate()

@@ -83,9 +83,13 @@ def test_chunked_equals_plain_values_and_gradients(kd: KDKind, tail: TailMode) -
 
 
 @pytest.mark.parametrize("union", ["censored", "teacher"])
-def test_chunked_equals_plain_without_bias_or_mask(union: UnionMode) -> None:
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"rank_weighting": "dcg"}, {"rank_guess": "midpoint"}, {"rank_guess": "extrapolate"}],
+)
+def test_chunked_equals_plain_without_bias_or_mask(union: UnionMode, variant: dict) -> None:
     hidden, weight, _, teacher, _ = make_inputs(seed=1)
-    cfg = LossConfig(rank_k=8, rank_union=union)
+    cfg = LossConfig(rank_k=8, rank_union=union, **variant)
     inputs = tuple(t.requires_grad_() for t in (hidden, weight))
     expected = sums_and_grads(distill_loss_reference(*inputs, None, teacher, None, cfg), inputs)
     got = distill_loss(*inputs, None, teacher, None, cfg, chunk_size=6)
@@ -189,3 +193,11 @@ def test_config_rejects_bad_values() -> None:
     hidden, weight, bias, teacher, mask = make_inputs(seed=5)
     with pytest.raises(ValueError, match="chunk_size"):
         distill_loss(hidden, weight, bias, teacher, mask, LossConfig(rank_k=4), chunk_size=0)
+
+
+def test_the_rank_variants_reach_the_objective() -> None:
+    hidden, weight, bias, teacher, mask = make_inputs(seed=4)
+    base = distill_loss(hidden, weight, bias, teacher, mask, LossConfig(rank_k=8)).rank
+    for variant in ({"rank_weighting": "dcg"}, {"rank_guess": "midpoint"}):
+        got = distill_loss(hidden, weight, bias, teacher, mask, LossConfig(rank_k=8, **variant))
+        assert not torch.equal(got.rank, base)

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import REPO
 from rlkd_cache.errors import RlkdError
+from rlkd_cache.losses.chunked import PRESETS
 from rlkd_cache.pipeline import load_recipe, run_recipe
 
 RECIPES = sorted((REPO / "pipelines").glob("*.yaml"))
@@ -35,7 +36,18 @@ def test_ablation_has_the_arms_the_issue_asks_for():
         and arms["sft"]["ce_weight"] > 0
     )
     assert arms["fkl"]["rank_weight"] == 0 and arms["fkl_renorm"]["tail"] == "renormalize"
-    assert arms["rlkd"] == {} and arms["rkl_rank"]["kd"] == "rkl"
+    assert arms["rlkd"] == {"preset": "authors"} and arms["rkl_rank"]["kd"] == "rkl"
+
+
+def test_rank_ablations_separate_the_causes():
+    for name in ("rank-chat.yaml", "rank-plain.yaml"):
+        recipe = load_recipe(REPO / "pipelines" / name)
+        assert len(recipe.seeds) >= 3 and len(recipe.budgets) == 2 and recipe.baseline == "fkl"
+        arms = recipe.arms
+        assert arms["fkl"]["rank_weight"] == 0 and arms["authors"] == {"preset": "authors"}
+        loss = [{**PRESETS.get(v.get("preset", "none"), {}), **v} for v in arms.values()]
+        relative = {v["rank_weight"] / v["kd_weight"] for v in loss if "kd_weight" in v}
+        assert len({r for r in relative if r > 0}) >= 2  # the rank term's weight varies
 
 
 def test_bad_keys_are_named(tmp_path):
@@ -101,3 +113,74 @@ def test_recipe_student_can_be_random(tiny_teacher, tmp_path):
     config = AutoConfig.from_pretrained(folder)
     assert config.num_hidden_layers == 1 and config.hidden_size == 64
     assert build_student(recipe, tiny_teacher, tmp_path) == folder  # reused
+
+
+def _weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.slow
+def test_budgets_evaluate_one_run_at_two_lengths(tiny_teacher, tmp_path):
+    import torch
+
+    base = [
+        f"cache.model={tiny_teacher}",
+        f"cache.cache_root={tmp_path / 'caches'}",
+        "cache.gen_max_new_tokens=8",
+        "student.layers=[0]",
+        "splits.train=train[:12]",
+        "splits.eval=train[300:306]",
+        "train.schedule=constant",
+        "train.batch_tokens=256",
+        "eval.generate=null",
+        "arms={rlkd: {}}",
+    ]
+    budgeted = run_recipe(
+        REPO / "pipelines" / "demo.yaml",
+        [*base, f"output={tmp_path / 'b'}", "budgets=[2, 5]"],
+        progress=False,
+    )
+    assert set(budgeted["results"]) == {"start", "rlkd@2", "rlkd@5"}
+    short, long = budgeted["results"]["rlkd@2"][0], budgeted["results"]["rlkd@5"][0]
+    assert short["kl"] != long["kl"]
+    run = tmp_path / "b" / "runs" / "rlkd-seed0"
+    assert json.loads((run / "budget-2.json").read_text())["kl"] == short["kl"]
+    # the 5-step student equals a 5-step run trained straight through
+    straight = run_recipe(
+        REPO / "pipelines" / "demo.yaml",
+        [*base, f"output={tmp_path / 's'}", "train.max_steps=5"],
+        progress=False,
+    )
+    assert straight["results"]["rlkd"][0]["kl"] == long["kl"]
+    a = _weights(run / "final" / "model.safetensors")
+    b = _weights(tmp_path / "s" / "runs" / "rlkd-seed0" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # rerunning reuses the kept results; nothing trains again
+    again = run_recipe(
+        REPO / "pipelines" / "demo.yaml",
+        [*base, f"output={tmp_path / 'b'}", "budgets=[2, 5]"],
+        progress=False,
+    )
+    assert again["results"]["rlkd@2"][0]["kl"] == short["kl"]
+    # a continuation killed after it rewrote config.json (max_steps 8) but before final/: the
+    # old final/ is not taken for the 8-step student
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**saved, "max_steps": 8}))
+    longer = run_recipe(
+        REPO / "pipelines" / "demo.yaml",
+        [*base, f"output={tmp_path / 'b'}", "budgets=[2, 5, 8]"],
+        progress=False,
+    )
+    assert longer["results"]["rlkd@8"][0]["kl"] != long["kl"]
+    assert (run / "checkpoints" / "step-00000008").is_dir()
+
+
+def test_budgets_need_a_constant_schedule():
+    with pytest.raises(RlkdError, match=r"budgets \[10, 20\] need train.schedule: constant"):
+        load_recipe(REPO / "pipelines" / "demo.yaml", ["budgets=[10, 20]"])
+    with pytest.raises(RlkdError, match="ascending"):
+        load_recipe(
+            REPO / "pipelines" / "demo.yaml", ["budgets=[20, 10]", "train.schedule=constant"]
+        )

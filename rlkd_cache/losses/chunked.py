@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +33,31 @@ from rlkd_cache.losses.kl import (
     cross_entropy_loss,
     kd_loss_and_student,
 )
-from rlkd_cache.losses.ranking import UnionMode, rlkd_rank_loss
+from rlkd_cache.losses.ranking import CensoredGuess, RankWeighting, UnionMode, rlkd_rank_loss
 from rlkd_cache.losses.reduction import position_mask
+
+Preset = Literal["none", "authors"]
+"""A named loss setting; "none" = the fields as given (see `PRESETS`)."""
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "authors": {
+        "kd": "fkl",
+        "kd_weight": 0.5,
+        "rank_weight": 1.0,
+        "rank_k": 15,
+        "rank_union": "censored",
+        "rank_guess": "uniform_tail",
+        "rank_weighting": "flat",
+        "rank_strength": 1.0,
+        "ce_weight": 0.0,
+        "temperature": 1.0,
+        "tail": "bucket",
+    },
+}
+"""The loss fields each preset sets. "authors": L = L_rank + L_KD / 2 with forward KL (tail
+bucket), the censored union of rank k 15, plain soft Spearman (strength 1) and the
+uniform-tail guess, no CE, temperature 1: the RLKD authors' pre-training setting as rlkd
+adapted it to a cache (`rlkd-method`), and rlkd's default until the 2026-12 ablation."""
 
 
 @dataclass(frozen=True)
@@ -65,10 +88,29 @@ class LossConfig:
     """Teacher mass that defines the head for AKL, in (0, 1)."""
     rank_strength: float = 1.0
     """l2 regularization strength of the soft rank (torchsort's regularization_strength)."""
+    rank_guess: CensoredGuess = "uniform_tail"
+    """Teacher score of a student peak outside the cache (censored union): "uniform_tail",
+    "midpoint" (halfway between it and the k-th cached value) or "extrapolate" (the cached
+    log-probs continued along rank); see `ranking.py`."""
+    rank_weighting: RankWeighting = "flat"
+    """Rank correlation: "flat" (plain Spearman) or "dcg" (weighted by the teacher's rank, so
+    the order of the head counts more; see `ranking.py`)."""
+    preset: Preset = "none"
+    """A named loss setting (see `PRESETS`): "authors" = the RLKD authors' loss (rank + FKL/2,
+    censored union, plain Spearman, uniform-tail guess, rank k 15). The loss fields it names
+    take its values; giving one of them a different value too is an error."""
 
     def __post_init__(self) -> None:
         """Fail on the first bad field with `FieldError` (a `ValueError` naming the field)."""
-        for name, kind in (("kd", KDKind), ("tail", TailMode), ("rank_union", UnionMode)):
+        kinds = (
+            ("kd", KDKind),
+            ("tail", TailMode),
+            ("rank_union", UnionMode),
+            ("rank_guess", CensoredGuess),
+            ("rank_weighting", RankWeighting),
+            ("preset", Preset),
+        )
+        for name, kind in kinds:
             if getattr(self, name) not in get_args(kind):
                 choices = list(get_args(kind))
                 raise FieldError(name, f"must be one of {choices}, got {getattr(self, name)!r}")
@@ -87,6 +129,13 @@ class LossConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise FieldError(name, f"must be {expected}, got {getattr(self, name)!r}")
+        for name, value in PRESETS.get(self.preset, {}).items():
+            if getattr(self, name) != value:
+                raise FieldError(
+                    name,
+                    f"is {value!r} in preset {self.preset!r}, got {getattr(self, name)!r} "
+                    "(drop one of the two)",
+                )
 
 
 @dataclass(frozen=True, eq=False)
@@ -176,6 +225,8 @@ def _part_sums(
             union=cfg.rank_union,
             strength=cfg.rank_strength,
             sparse_grad=total_grad_only,
+            guess=cfg.rank_guess,
+            weighting=cfg.rank_weighting,
         )
     if total_grad_only and not cfg.ce_weight and cfg.tail == "bucket" and cfg.temperature == 1:
         with torch.no_grad():

@@ -117,27 +117,57 @@ def soft_rank(theta: Tensor, strength: float = 1.0, valid: Tensor | None = None)
     return torch.where(valid, ranks, 0.0)
 
 
-def rank_correlation(rank_x: Tensor, rank_y: Tensor, valid: Tensor | None = None) -> Tensor:
-    """Spearman-style correlation: dot product of centred, unit-normed rank vectors.
+def rank_correlation(
+    rank_x: Tensor, rank_y: Tensor, valid: Tensor | None = None, weights: Tensor | None = None
+) -> Tensor:
+    """Spearman-style correlation: dot product of centred, unit-normed rank vectors; with
+    `weights`, the weighted Pearson correlation of the ranks (weighted means and norms).
 
-    A row whose ranks are all equal (zero norm after centring) contributes a correlation of 0.
+    With w_i >= 0 and means x_w = sum w x / sum w: rho = sum w (x - x_w)(y - y_w) /
+    sqrt(sum w (x - x_w)^2 * sum w (y - y_w)^2). Flat weights (all equal) give exactly the
+    unweighted correlation. A row whose ranks are all equal (zero norm after centring)
+    contributes a correlation of 0.
 
     Args:
         rank_x: (N, n) ranks (soft or hard) of the first variable.
         rank_y: (N, n) ranks of the second variable.
         valid: (N, n) bool, the entries that count; None = all.
+        weights: (N, n) non-negative weight of each entry (not differentiated); None = flat.
 
     Returns:
         (N,) correlations in [-1, 1].
     """
     if valid is None:
         valid = torch.ones_like(rank_x, dtype=torch.bool)
-    count = valid.sum(-1, keepdim=True).clamp_min(1)  # (N, 1)
+    w = torch.ones_like(rank_x) if weights is None else weights.detach().to(rank_x.dtype)
+    w = torch.where(valid, w, 0.0)  # (N, n)
+    total = w.sum(-1, keepdim=True).clamp_min(1e-12)  # (N, 1)
+    root = w.sqrt()  # (N, n)
 
     def unit(r: Tensor) -> Tensor:
         r = torch.where(valid, r, 0.0)  # (N, n)
-        centred = torch.where(valid, r - r.sum(-1, keepdim=True) / count, 0.0)  # (N, n)
+        centred = root * torch.where(valid, r - (w * r).sum(-1, keepdim=True) / total, 0.0)
         norm = torch.linalg.vector_norm(centred, dim=-1, keepdim=True)  # (N, 1)
         return centred / norm.clamp_min(1e-12)  # (N, n)
 
     return (unit(rank_x) * unit(rank_y)).sum(-1)
+
+
+def top_weights(scores: Tensor, valid: Tensor) -> Tensor:
+    """DCG-style weights that decay with each entry's rank by `scores`: 1 / log2(1 + p), p the
+    1-based position from the top among the row's valid entries (tied entries share the mean
+    of their positions). Position 1 weighs 1, position 2 0.63, position 15 0.25.
+
+    Args:
+        scores: (N, n) float, larger = nearer the top.
+        valid: (N, n) bool.
+
+    Returns:
+        (N, n) weights in (0, 1] at valid entries, 0 at invalid ones.
+    """
+    other = scores[:, None, :]  # (N, 1, n) the entries compared against
+    counted = valid[:, None, :]  # (N, 1, n)
+    above = ((other > scores[:, :, None]) & counted).sum(-1)  # (N, n)
+    tied = ((other == scores[:, :, None]) & counted).sum(-1)  # (N, n) includes the entry
+    position = above.to(scores.dtype) + (tied.to(scores.dtype) + 1) / 2  # (N, n) >= 1
+    return torch.where(valid, 1.0 / torch.log2(1.0 + position), 0.0)
