@@ -8,7 +8,7 @@ SmolLM2-135M-Instruct, over the bundled sample; built or reused, caches are cont
   logits and its loss (labels -100 elsewhere) is backpropagated;
 - cached: `rlkd train`'s own step, imported from `rlkd_cache.train.step` (`train_step` +
   `optimizer_step`) with the trainer's default loss (forward KL with the tail bucket + RLKD
-  rank, L = rank + KD / 2): chunked LM head (its matmuls in bf16 under `--precision bf16`),
+  rank, L = KD + rank / 2): chunked LM head (its matmuls in bf16 under `--precision bf16`),
   loss scaler as the trainer sets it, backward of total / count;
 - online: the teacher (fp32, no grad) run on every batch, then forward KL of the student's
   full softmax to the teacher's at the distilled positions (HF forwards, full logits).

@@ -189,9 +189,9 @@ class CacheConfig:
 @dataclass(frozen=True)
 class TrainConfig(LossConfig):
     """Everything `rlkd train` needs: the loss fields of its base `LossConfig` (kd, rank_k,
-    temperature, ..., checked when built), then the run's. Defaults follow the RLKD authors'
-    scripts: L = L_rank + L_KD / 2 with forward KL (tail bucket), rank k 15, temperature 1,
-    no CE, AdamW at 2e-5 with cosine decay."""
+    temperature, ..., checked when built), then the run's. Defaults: L = FKL (tail bucket) +
+    0.5 L_rank (censored union of rank k 15, DCG weights, midpoint guess), temperature 1, no
+    CE, AdamW at 2e-5 with cosine decay; `--preset authors` is the RLKD authors' loss."""
 
     cache: str = field(default="", metadata=REQUIRED)
     """Training cache directory (made by `rlkd cache`)."""

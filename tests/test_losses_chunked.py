@@ -85,7 +85,14 @@ def test_chunked_equals_plain_values_and_gradients(kd: KDKind, tail: TailMode) -
 @pytest.mark.parametrize("union", ["censored", "teacher"])
 @pytest.mark.parametrize(
     "variant",
-    [{}, {"rank_weighting": "dcg"}, {"rank_guess": "midpoint"}, {"rank_guess": "extrapolate"}],
+    [
+        {},
+        {"rank_weighting": "flat"},
+        {"rank_guess": "uniform_tail"},
+        {"rank_guess": "extrapolate"},
+        {"kd_weight": 0.5, "rank_weight": 1.0, "rank_weighting": "flat", "rank_guess": "midpoint"},
+        {"kd_weight": 0.5, "rank_weighting": "flat", "rank_guess": "uniform_tail"},
+    ],
 )
 def test_chunked_equals_plain_without_bias_or_mask(union: UnionMode, variant: dict) -> None:
     hidden, weight, _, teacher, _ = make_inputs(seed=1)
@@ -197,7 +204,9 @@ def test_config_rejects_bad_values() -> None:
 
 def test_the_rank_variants_reach_the_objective() -> None:
     hidden, weight, bias, teacher, mask = make_inputs(seed=4)
-    base = distill_loss(hidden, weight, bias, teacher, mask, LossConfig(rank_k=8)).rank
+    flat = {"rank_weighting": "flat", "rank_guess": "uniform_tail"}
+    base = distill_loss(hidden, weight, bias, teacher, mask, LossConfig(rank_k=8, **flat)).rank
     for variant in ({"rank_weighting": "dcg"}, {"rank_guess": "midpoint"}):
-        got = distill_loss(hidden, weight, bias, teacher, mask, LossConfig(rank_k=8, **variant))
+        cfg = LossConfig(rank_k=8, **{**flat, **variant})
+        got = distill_loss(hidden, weight, bias, teacher, mask, cfg)
         assert not torch.equal(got.rank, base)
