@@ -190,7 +190,7 @@ class CacheConfig:
 class TrainConfig(LossConfig):
     """Everything `rlkd train` needs: the loss fields of its base `LossConfig` (kd, rank_k,
     temperature, ..., checked when built), then the run's. Defaults: L = FKL (tail bucket) +
-    0.5 L_rank (censored union of rank k 15, DCG weights, midpoint guess), temperature 1, no
+    0.5 L_rank (plain soft Spearman over the censored union of rank k 15), temperature 1, no
     CE, AdamW at 2e-5 with cosine decay; `--preset authors` is the RLKD authors' loss."""
 
     cache: str = field(default="", metadata=REQUIRED)

@@ -62,10 +62,10 @@ adapted it to a cache, and rlkd's default until the two-regime ablation (docs/re
 
 @dataclass(frozen=True)
 class LossConfig:
-    """How the student's loss is built. Defaults: L = FKL + 0.5 L_rank, the rank term with DCG
-    weights and the midpoint guess, chosen by the two-regime ablation in docs/results.md (the
-    authors' L = L_rank + FKL / 2 cost top-1 agreement on plain text); `preset="authors"` is
-    the authors' setting."""
+    """How the student's loss is built. Defaults: L = FKL + 0.5 L_rank (plain soft Spearman over
+    the censored union, uniform-tail guess), chosen by the two-regime ablation in
+    docs/results.md (the authors' L = L_rank + FKL / 2 cost top-1 agreement on plain text);
+    `preset="authors"` is the authors' setting."""
 
     kd: KDKind = "fkl"
     """Divergence for the KD term (see `KDKind` in `kl.py`)."""
@@ -92,11 +92,11 @@ class LossConfig:
     """Teacher mass that defines the head for AKL, in (0, 1)."""
     rank_strength: float = 1.0
     """l2 regularization strength of the soft rank (torchsort's regularization_strength)."""
-    rank_guess: CensoredGuess = "midpoint"
+    rank_guess: CensoredGuess = "uniform_tail"
     """Teacher score of a student peak outside the cache (censored union): "uniform_tail",
     "midpoint" (halfway between it and the k-th cached value) or "extrapolate" (the cached
     log-probs continued along rank); see `ranking.py`."""
-    rank_weighting: RankWeighting = "dcg"
+    rank_weighting: RankWeighting = "flat"
     """Rank correlation: "flat" (plain Spearman) or "dcg" (weighted by the teacher's rank, so
     the order of the head counts more; see `ranking.py`)."""
     preset: Preset = "none"

@@ -19,7 +19,7 @@ Union modes (`UnionMode`):
 - "teacher": U = teacher top-`rank_k` only. Exact from the cache, but blind to false peaks.
 
 Guess for a student peak outside the cache (`CensoredGuess`, only with "censored"):
-- "uniform_tail": the uniform-tail value above (the authors' setting as rlkd first adapted it).
+- "uniform_tail" (default): the uniform-tail value above (also the authors' setting).
 - "midpoint": halfway, in log-prob, between the uniform-tail value and the k-th cached value
   a_k (clamped just below a_k). The student's peaks outside the cache are the tokens it ranks
   high, so they sit above the average tail token but below the cache. Measured with the real
