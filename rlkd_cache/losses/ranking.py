@@ -23,15 +23,16 @@ Guess for a student peak outside the cache (`CensoredGuess`, only with "censored
 - "midpoint": halfway, in log-prob, between the uniform-tail value and the k-th cached value
   a_k (clamped just below a_k). The student's peaks outside the cache are the tokens it ranks
   high, so they sit above the average tail token but below the cache. Measured with the real
-  teacher's full distribution (`benchmarks/rank_guess.py`, SmolLM2-135M and a 4-layer student
-  trained 30 steps): those tokens truly sit at -11.8 on average, a_k at -6.95, the uniform
-  tail at -14.3 and the midpoint at -10.6; the censored loss is off the true-score loss by
-  0.060 per position with the midpoint against 0.104 with the uniform tail (untrained
-  student: 0.030 both).
+  teacher's full distribution (`benchmarks/rank_guess.py --rows 40`, SmolLM2-135M and a
+  4-layer student trained 90 steps on plain text): those tokens truly sit at -11.6 on
+  average, a_k at -7.07, the uniform tail at -14.4 and the midpoint at -10.7; the censored
+  loss is off the true-score loss by 0.062 per position with the midpoint against 0.110 with
+  the uniform tail (untrained student: 0.032 and 0.029). It is not the default: at the loss
+  weights measured it did not move the held-out metrics (docs/results.md).
 - "extrapolate": the cached log-probs continued along rank: with d = (a_h - a_k) / (k - h),
   h = k // 2, the j-th guessed token in the student's order gets a_k - j d, clamped into
   [uniform_tail, just below a_k]. Closest on random Gaussian logits, but too high on the
-  real teacher (guess -7.6 for tokens at -11.8; loss error 0.129): kept for comparison.
+  real teacher (guess -7.7 for tokens at -11.6; loss error 0.128): kept for comparison.
 
 Weighting of the correlation (`RankWeighting`):
 - "flat": plain Spearman; a swap of ranks 14 and 15 costs as much as a swap of ranks 1 and 2.
