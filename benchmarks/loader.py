@@ -43,7 +43,7 @@ def main() -> None:
     cache = Cache(run_cache(cfg, progress=False))
     totals = cache.info.totals
     print(
-        f"cache {cache.dir} ({time.perf_counter() - started:.1f} s to build or find): "
+        f"cache {cache.layout} ({time.perf_counter() - started:.1f} s to build or find): "
         f"{totals.rows} rows, {totals.positions} positions, {totals.shards} shard(s), "
         f"k={cache.k}"
     )

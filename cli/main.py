@@ -23,7 +23,7 @@ from rlkd_cache.config import (
     load_config,
 )
 from rlkd_cache.errors import RlkdError
-from rlkd_cli.options import config_options
+from rlkd_cli.options import config_options, json_object
 
 
 class App(click.Group):
@@ -72,25 +72,40 @@ def cache(config_path: str | None, no_progress: bool, **flags: Any) -> None:
     click.echo(str(path))
 
 
+def storage_option(command: Any) -> Any:
+    """The `--storage-options` flag of the commands that take cache paths without a config."""
+    return click.option(
+        "--storage-options",
+        default=None,
+        metavar="JSON",
+        callback=json_object,
+        help='fsspec options by protocol for cache URLs, e.g. \'{"s3": {"endpoint_url": '
+        '"http://host:9000"}}\' (credentials: better in the environment).',
+    )(command)
+
+
 @app.command()
-@click.argument("cache_dir", type=click.Path())
+@click.argument("cache_dir")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of a table.")
-def inspect(cache_dir: str, as_json: bool) -> None:
-    """Show a cache's teacher, data, k, shards, positions, size and skipped rows."""
+@storage_option
+def inspect(cache_dir: str, as_json: bool, storage_options: dict[str, Any] | None) -> None:
+    """Show a cache's teacher, data, k, shards, positions, size and skipped rows. CACHE_DIR
+    is a folder or an fsspec URL (s3://bucket/prefix/name)."""
     from rlkd_cache.store.reader import Cache
     from rlkd_cache.store.tools import render, summary
 
-    info = summary(Cache(cache_dir))
+    info = summary(Cache(cache_dir, storage_options))
     click.echo(json.dumps(info, indent=2) if as_json else render(info))
 
 
 @app.command()
-@click.argument("cache_dir", type=click.Path())
-def verify(cache_dir: str) -> None:
+@click.argument("cache_dir")
+@storage_option
+def verify(cache_dir: str, storage_options: dict[str, Any] | None) -> None:
     """Check every shard's sha256 and that it decodes; exit 1 naming each bad shard."""
     from rlkd_cache.store import tools
 
-    problems = tools.verify(cache_dir)
+    problems = tools.verify(cache_dir, storage_options)
     for problem in problems:
         click.echo(f"BAD {problem}", err=True)
     if problems:
@@ -99,26 +114,57 @@ def verify(cache_dir: str) -> None:
 
 
 @app.command("ls")
-@click.option("--cache-root", default=None, help="[$RLKD_CACHE_ROOT or ~/.cache/rlkd]")
-def ls(cache_root: str | None) -> None:
+@click.option(
+    "--cache-root", default=None, help="Folder or URL. [$RLKD_CACHE_ROOT or ~/.cache/rlkd]"
+)
+@storage_option
+def ls(cache_root: str | None, storage_options: dict[str, Any] | None) -> None:
     """List the caches under a root, one line each."""
     from rlkd_cache.store.tools import list_caches
 
     root = cache_root or default_cache_root()
-    lines = list_caches(root)
+    lines = list_caches(root, storage_options)
     click.echo("\n".join(lines) if lines else f"no caches under {root}")
 
 
 @app.command()
-@click.argument("cache_dir", type=click.Path())
+@click.argument("cache_dir")
 @click.argument("out", type=click.Path())
-def export(cache_dir: str, out: str) -> None:
+@storage_option
+def export(cache_dir: str, out: str, storage_options: dict[str, Any] | None) -> None:
     """Write the cache decoded as plain Parquet (seq_id, input_ids, positions, topk_ids,
-    topk_logprobs, target_logprobs) for other tools."""
+    topk_logprobs, target_logprobs) to the local file OUT, for other tools."""
     from rlkd_cache.store.tools import export as export_cache
 
-    rows = export_cache(cache_dir, out)
+    rows = export_cache(cache_dir, out, storage_options)
     click.echo(f"wrote {rows} rows to {out}")
+
+
+@app.command()
+@click.argument("source")
+@click.argument("dest_root")
+@storage_option
+@click.option(
+    "--lock-wait",
+    type=float,
+    default=3600.0,
+    show_default=True,
+    help="Seconds to wait while another run writes the destination cache.",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def copy(
+    source: str,
+    dest_root: str,
+    storage_options: dict[str, Any] | None,
+    lock_wait: float,
+    no_progress: bool,
+) -> None:
+    """Copy the cache SOURCE into the cache root DEST_ROOT (folders or URLs, local <-> S3 <->
+    S3): every sha256 checked, shards already there skipped (rerun to resume), the manifest
+    written last. Prints the copy's path."""
+    from rlkd_cache.store.tools import copy as copy_cache
+
+    click.echo(str(copy_cache(source, dest_root, storage_options, lock_wait, not no_progress)))
 
 
 @app.command()

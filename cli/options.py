@@ -60,7 +60,7 @@ def default_text(f: dataclasses.Field[Any]) -> str:
     return json.dumps(value) if isinstance(value, dict) else str(value)
 
 
-def _json_object(
+def json_object(
     ctx: click.Context, param: click.Parameter, value: str | None
 ) -> dict[str, Any] | None:
     """Parse a flag that takes a JSON object (None when the flag is absent)."""
@@ -90,7 +90,7 @@ def _option(f: dataclasses.Field[Any], hint: Any, doc: str) -> Callable[[F], F]:
     elif hint is bool:
         decls[0] = f"{flag(f.name)}/--no-{flag(f.name)[2:]}"
     elif typing.get_origin(hint) is dict:
-        settings.update(metavar="JSON", callback=_json_object)
+        settings.update(metavar="JSON", callback=json_object)
     elif hint in (int, float, str):
         settings["type"] = hint
     else:

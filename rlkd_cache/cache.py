@@ -12,20 +12,21 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rlkd_cache.config import CacheConfig, validated
+from rlkd_cache.config import CacheConfig, saved, validated
 from rlkd_cache.data import Prepared, dataset_identity, load_rows, prepare
 from rlkd_cache.default_teacher import default_teacher
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.responses import with_teacher_responses
 from rlkd_cache.store import FORMAT_VERSION, codec
+from rlkd_cache.store.files import Files, folder, is_remote
 from rlkd_cache.store.fingerprint import (
     fingerprint,
     folder_sha256,
@@ -54,18 +55,30 @@ POSITIONS_PER_SHARD = 262_144
 small enough that a killed run loses little work."""
 
 
-def check_writable(root: Path) -> None:
+def check_writable(root: Files) -> None:
+    """Fail with one line naming the cache root unless a file can be written there."""
+    probe = f".rlkd-probe-{uuid.uuid4().hex}"
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, prefix=".rlkd-probe-"):
-            pass
-    except OSError as e:
-        raise RlkdError(f"cache root {root} is not writable ({e.strerror or e})") from None
+        root.makedirs()
+        with root.writing(probe) as tmp:
+            tmp.write_bytes(b"")
+        root.remove(probe)
+    except (OSError, ValueError) as e:
+        why = getattr(e, "strerror", None) or e
+        raise RlkdError(f"cache root {root.url} is not writable ({why})") from None
+
+
+def local_home(cfg: CacheConfig) -> Path:
+    """The local folder for the converted default teacher and the teacher-hash memo: the
+    cache root, or ~/.cache/rlkd when the root is on an object store."""
+    if is_remote(cfg.cache_root):
+        return Path.home() / ".cache" / "rlkd"
+    return Path(cfg.cache_root).expanduser()
 
 
 def resolve_model(cfg: CacheConfig) -> Path:
     if cfg.model is None:
-        return default_teacher(cfg.cache_root)
+        return default_teacher(local_home(cfg))
     path = Path(cfg.model).expanduser()
     if not (path / "config.json").is_file():
         raise RlkdError(
@@ -177,13 +190,14 @@ def to_block(prepared: Prepared, rows: range, outputs: dict[int, TeacherOutput])
     )
 
 
-def run_cache(cfg: CacheConfig, progress: bool = True) -> Path:
-    """Build (or find) the cache for `cfg`; return its directory."""
+def run_cache(cfg: CacheConfig, progress: bool = True) -> Path | str:
+    """Build (or find) the cache for `cfg`; return its directory (a URL on an object
+    store)."""
     from transformers import AutoTokenizer
 
     started = time.time()
     validated(cfg)  # built by the CLI or a recipe, it was checked there; in code, here
-    root = Path(cfg.cache_root).expanduser()
+    root = folder(cfg.cache_root, cfg.storage_options)
     check_writable(root)
     model = resolve_model(cfg)
     vocab_size = teacher_vocab_size(cfg, model)
@@ -191,10 +205,14 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> Path:
     rows = load_rows(cfg.dataset, cfg.split)
     backend_name, why = resolve_backend(cfg)
     data_id = dataset_identity(cfg.dataset, cfg.split, rows)
-    teacher_sha = folder_sha256(model, root / ".hash-memo.json")
+    home = local_home(cfg)
+    home.mkdir(parents=True, exist_ok=True)
+    teacher_sha = folder_sha256(model, home / ".hash-memo.json")
     identity = cache_identity(cfg, teacher_sha, tokenizer, data_id, backend_name)
     fp = fingerprint(identity)
-    layout = CacheDir(root / f"{slug(model.name)}-{slug(data_id['source'])}-k{cfg.top_k}-{fp[:16]}")
+    layout = CacheDir(
+        root.child(f"{slug(model.name)}-{slug(data_id['source'])}-k{cfg.top_k}-{fp[:16]}")
+    )
     if layout.is_complete():
         return _already_cached(layout)
     layout.create()
@@ -225,7 +243,7 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> Path:
                 Manifest(
                     fingerprint=fp,
                     identity=identity,
-                    config={k: v for k, v in asdict(cfg).items() if k != "cache_root"},
+                    config={k: v for k, v in saved(cfg).items() if k != "cache_root"},
                     teacher=TeacherInfo(name=model.name, path=str(model), sha256=teacher_sha),
                     tokenizer=TokenizerInfo(
                         sha256=identity["tokenizer_sha256"],
@@ -251,10 +269,10 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> Path:
     return layout.path
 
 
-def _already_cached(layout: CacheDir) -> Path:
+def _already_cached(layout: CacheDir) -> Path | str:
     """The directory of the complete cache `layout`, after checking its manifest (which
     raises, naming the file, if it is corrupt or foreign)."""
-    Cache(layout.path)
+    Cache(layout.files)
     log.info("already cached: %s", layout)
     return layout.path
 

@@ -25,6 +25,9 @@ import yaml
 from rlkd_cache.errors import FieldError, RlkdError
 from rlkd_cache.losses.chunked import PRESETS, LossConfig
 
+if typing.TYPE_CHECKING:
+    from rlkd_cache.store.reader import Cache
+
 Precision = Literal["fp32", "bf16", "fp16"]
 """Autocast precision of the student's forward ("fp32": none). Losses reduce in fp32."""
 
@@ -73,8 +76,57 @@ def _none_or_positive(value: int | None) -> bool:
     return value is None or value >= 1
 
 
-@dataclass
-class CacheConfig:
+@dataclass(frozen=True)
+class StorageConfig:
+    """How a stage reaches caches on object storage (the base of every stage's config)."""
+
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options by protocol for cache URLs, for example `{"s3": {"endpoint_url":
+    "http://host:9000"}}`. Never written to a manifest or a run's config (they may hold
+    credentials; better in the environment: AWS_* variables, ~/.aws, FSSPEC_S3_*)."""
+
+
+@dataclass(frozen=True)
+class ReadConfig(StorageConfig):
+    """How a stage reads a cache's shards (training and evaluation)."""
+
+    prefetch_shards: int = 2
+    """Shards read and decoded in background threads ahead of the one in use (0: none)."""
+    local_cache: str | None = None
+    """Local folder keeping verified shards of remote caches by sha256, so later epochs and
+    students on this machine read them from disk. None: every read goes to the store."""
+    local_cache_gib: float = 20.0
+    """Size bound of `local_cache` in GiB: the least recently used shards are dropped."""
+
+    def open_cache(self, path: str) -> Cache:
+        """The cache at `path` (a folder or an fsspec URL), read with these settings."""
+        from rlkd_cache.store.reader import Cache
+        from rlkd_cache.store.shard_cache import ShardCache
+
+        kept = None
+        if self.local_cache is not None:
+            kept = ShardCache(self.local_cache, int(self.local_cache_gib * 2**30))
+        return Cache(path, self.storage_options, kept)
+
+    def read_checks(self) -> tuple[tuple[str, bool, str], ...]:
+        return (
+            ("prefetch_shards", self.prefetch_shards >= 0, ">= 0"),
+            ("local_cache_gib", self.local_cache_gib > 0, "> 0"),
+        )
+
+
+NOT_SAVED = ("storage_options",)
+"""Config fields never written to a manifest, a run's config.json or a log: they may hold
+credentials."""
+
+
+def saved(cfg: Any) -> dict[str, Any]:
+    """A config's fields as written to disk (`NOT_SAVED` left out)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SAVED}
+
+
+@dataclass(frozen=True)
+class CacheConfig(StorageConfig):
     """Everything `rlkd cache` needs. Fields that change the cache's content enter its
     fingerprint (see `store/fingerprint.py`); the rest (batching, paths) do not."""
 
@@ -130,7 +182,8 @@ class CacheConfig:
     strict: bool = False
     """Fail on the first bad row (naming its index and field) instead of skipping it."""
     cache_root: str = field(default_factory=default_cache_root)
-    """Directory that holds caches (and the converted default teacher)."""
+    """Directory or fsspec URL (s3://bucket/prefix, ...) that holds caches. The converted
+    default teacher goes under it too when it is local, else under ~/.cache/rlkd."""
     lock_wait: float = 3600.0
     """Seconds to wait while another run writes the same cache (the log names its host, pid
     and start) before failing; 0 fails at once. If that run completes the cache meanwhile,
@@ -187,14 +240,14 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig(LossConfig):
+class TrainConfig(LossConfig, ReadConfig):
     """Everything `rlkd train` needs: the loss fields of its base `LossConfig` (kd, rank_k,
     temperature, ..., checked when built), then the run's. Defaults: L = FKL (tail bucket) +
     0.5 L_rank (plain soft Spearman over the censored union of rank k 15), temperature 1, no
     CE, AdamW at 2e-5 with cosine decay; `--preset authors` is the RLKD authors' loss."""
 
     cache: str = field(default="", metadata=REQUIRED)
-    """Training cache directory (made by `rlkd cache`)."""
+    """Training cache directory or URL (s3://..., made by `rlkd cache`)."""
     student: str = field(default="", metadata=REQUIRED)
     """Local Hugging Face causal LM folder whose tokenizer matches the cache's."""
     output: str = field(default="", metadata=REQUIRED)
@@ -270,12 +323,13 @@ class TrainConfig(LossConfig):
                 ("log_every", self.log_every >= 1, ">= 1"),
                 ("shuffle_buffer", self.shuffle_buffer >= 1, ">= 1"),
                 ("chunk_size", self.chunk_size >= 1, ">= 1"),
+                *self.read_checks(),
             ),
         )
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(ReadConfig):
     """How `rlkd eval` measures a student (or runs) against a held-out cache."""
 
     batch_tokens: int = 4096
@@ -305,6 +359,7 @@ class EvalConfig:
                 ("chunk_size", self.chunk_size >= 1, ">= 1"),
                 ("max_new_tokens", _none_or_positive(self.max_new_tokens), "None or >= 1"),
                 ("limit", _none_or_positive(self.limit), "None or >= 1"),
+                *self.read_checks(),
             ),
         )
 

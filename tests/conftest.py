@@ -119,3 +119,89 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1, for the session.
+
+    `env` reaches it from any process (botocore reads AWS_ENDPOINT_URL); `bucket()` makes a
+    fresh bucket per test; `fs` is a plain s3fs client of it."""
+
+    def __init__(self, port: int, process) -> None:
+        self.port = port
+        self.process = process
+        self.env = {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        self._buckets = 0
+
+    @property
+    def fs(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
+
+    def bucket(self) -> str:
+        """A new empty bucket; its s3:// URL."""
+        self._buckets += 1
+        name = f"rlkd-test-{self._buckets}-{os.getpid()}"
+        self.fs.mkdir(name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """Start `moto_server` on a free loopback port, wait for its health endpoint, point the
+    AWS environment of this process (and its children) at it; stop it (by its pid) after."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    server = Path(sys.executable).parent / "moto_server"
+    if not server.is_file():
+        raise RuntimeError(f"{server} is missing: install the dev extra (moto[server])")
+    process = subprocess.Popen(
+        [str(server), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    started = S3Server(port, process)
+    saved = {key: os.environ.get(key) for key in started.env}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server on port {port} did not start") from None
+                time.sleep(0.2)
+        os.environ.update(started.env)
+        yield started
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -32,6 +32,7 @@ COMMANDS = {
 FACTORY_DEFAULTS = {
     "cache_root": "$RLKD_CACHE_ROOT, else ~/.cache/rlkd",
     "vllm_engine_kwargs": "{}",
+    "storage_options": "{}",
 }
 """What `--help` shows for fields whose default comes from a factory."""
 

@@ -49,8 +49,8 @@ def check_source(source: str, cache: Cache) -> None:
     """Fail early, before any model is loaded, when the prompts of `source` cannot be read."""
     if source == "cache" and not cache.layout.has_responses():
         raise RlkdError(
-            f"--generate cache: the cache at {cache.dir} has no {CacheDir.RESPONSES} (make it with "
-            "`rlkd cache --responses teacher`, or pass a JSONL file of prompt/response)"
+            f"--generate cache: the cache at {cache.layout} has no {CacheDir.RESPONSES} (make it "
+            "with `rlkd cache --responses teacher`, or pass a JSONL file of prompt/response)"
         )
     if source != "cache" and not Path(source).is_file():
         raise RlkdError(f"--generate {source}: no such file (expected JSONL, or the word `cache`)")

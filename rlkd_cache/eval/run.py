@@ -149,7 +149,7 @@ def run_eval(
     """
     generate = cfg.generate
     folder, run = resolve_student(student)
-    cache = Cache(cache_dir)
+    cache = cfg.open_cache(str(cache_dir))
     if generate is not None:
         check_source(generate, cache)
     fingerprint = cache.info.fingerprint
@@ -177,7 +177,7 @@ def run_eval(
         )
         if student_sha is not None:
             _save(run, fingerprint, student_sha, metrics)
-    out: dict[str, Any] = {"student": str(folder), "cache": str(cache.dir), **metrics}
+    out: dict[str, Any] = {"student": str(folder), "cache": str(cache.layout), **metrics}
     if generate is not None:
         report = rouge_report(
             model,

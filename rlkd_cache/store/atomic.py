@@ -29,9 +29,10 @@ right before the atomic rename of the file or folder NAME (its temp written and 
 exact points with it; unset, it does nothing."""
 
 
-def _fault_point(when: str, final: Path) -> None:
-    """The test hook `FAULT_AT`: SIGKILL this process if it names this point."""
-    if f"{when}:{final.name}" == FAULT_AT:
+def fault_point(when: str, name: str) -> None:
+    """The test hook `FAULT_AT`: SIGKILL this process if it names this point (on an object
+    store, "rename" is the PUT: `store/files.py`)."""
+    if f"{when}:{name}" == FAULT_AT:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -51,9 +52,10 @@ def fsync(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
+def atomic_path(final: Path, create: bool = False) -> Iterator[Path]:
     """Yield the temp path to write `final`'s content to; when the block ends without error,
-    fsync it and rename it over `final`. On an error it is removed and `final` is untouched.
+    fsync it and rename it over `final` (with `create`: hard-link it to `final`, which raises
+    FileExistsError if `final` exists). On an error it is removed and `final` is untouched.
 
         with atomic_path(out) as tmp:
             pq.write_table(table, tmp)
@@ -63,13 +65,17 @@ def atomic_path(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         fsync(tmp)
-        _fault_point("before-rename", final)
-        os.replace(tmp, final)
+        fault_point("before-rename", final.name)
+        if create:
+            os.link(tmp, final)
+            tmp.unlink()
+        else:
+            os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync(final.parent)
-    _fault_point("after-rename", final)
+    fault_point("after-rename", final.name)
 
 
 def begin_dir(final: Path, owner: str | None = None) -> Path:
@@ -90,10 +96,10 @@ def commit_dir(tmp: Path, final: Path) -> None:
         fsync(Path(folder))
     if final.exists():
         shutil.rmtree(final)
-    _fault_point("before-rename", final)
+    fault_point("before-rename", final.name)
     tmp.rename(final)
     fsync(final.parent)
-    _fault_point("after-rename", final)
+    fault_point("after-rename", final.name)
 
 
 @contextmanager
@@ -110,8 +116,14 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write `value` as indented, key-sorted JSON (and a newline) to `path`, atomically."""
-    with atomic_path(path) as tmp, tmp.open("w") as fh:
+def write_json(tmp: Path, value: Any) -> None:
+    """Write `value` to the file `tmp` as indented, key-sorted JSON and a newline."""
+    with tmp.open("w") as fh:
         json.dump(value, fh, indent=2, sort_keys=True, default=str)
         fh.write("\n")
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write `value` as `write_json` does to `path`, atomically."""
+    with atomic_path(path) as tmp:
+        write_json(tmp, value)

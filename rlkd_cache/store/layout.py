@@ -7,19 +7,23 @@
   shard-NNNNN.parquet   complete shards
   shard-NNNNN.parquet.json   each shard's record (sha256, size, stats), written with it
   .NAME.PID.tmp         a write in progress, or of a killed run: never read, deleted on resume
-  .lock                 held by the run writing the cache (`store/lock.py`); never data
+  .lock                 held by the run writing the cache (`store/lock.py`, `store/lease.py`)
   manifest.json         written last: the cache is complete only when it exists
 ```
 
 The writer, the reader, the tools, `cache.py`, `responses.py` and `eval/generate.py` go
-through `CacheDir`; nothing outside `store/` builds a path inside a cache. Every write goes
-through `store/atomic.py`. This is the seam where object storage (fsspec) plugs in: today a
-cache directory is a local folder.
+through `CacheDir`; nothing outside `store/` builds a path inside a cache. A cache directory
+is a local folder or a prefix of an object store (any fsspec URL: `store/files.py` does the
+filesystem access for both); every write is atomic (`store/atomic.py` locally, one PUT on an
+object store, where no temp file is ever visible). Shards and the manifest are written only
+if absent: on an object store that is what keeps two writers from disagreeing (see
+`store/lease.py`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from collections.abc import Iterator
@@ -31,8 +35,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rlkd_cache.errors import RlkdError, disk_full, is_disk_full
-from rlkd_cache.store import lock
-from rlkd_cache.store.atomic import TEMP_GLOB, atomic_path, write_json_atomic
+from rlkd_cache.store import lease
+from rlkd_cache.store.atomic import write_json
+from rlkd_cache.store.files import Files, StorageOptions, folder
 
 NOT_CACHES = ("models",)
 """Folders of a cache root that are not caches (the converted default teacher)."""
@@ -47,10 +52,12 @@ def file_sha256(path: Path) -> str:
 
 
 class CacheDir:
-    """One cache directory (complete or not): its file names, and reading and writing them."""
+    """One cache directory (complete or not), local or on an object store: its file names,
+    and reading and writing them."""
 
     LOCK = ".lock"
-    """The lock file (`store/lock.py`): hidden, matched by no glob of data or temp files."""
+    """The lock (`store/lock.py`, `store/lease.py`): hidden, matched by no glob of data or
+    temp files."""
     MANIFEST = "manifest.json"
     PLAN = "plan.json"
     RESPONSES = "responses.parquet"
@@ -59,11 +66,26 @@ class CacheDir:
     """What every shard name is, exactly: a manifest naming anything else (a path, `..`, a
     URL) is refused before any file is opened."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(
+        self, where: str | Path | Files, storage_options: StorageOptions | None = None
+    ) -> None:
+        self.files = where if not isinstance(where, (str, Path)) else folder(where, storage_options)
+
+    @property
+    def path(self) -> Path | str:
+        """The local folder, or the URL of the object-store prefix."""
+        return self.files.path if not self.files.remote else self.files.url
+
+    @property
+    def name(self) -> str:
+        return self.files.name
+
+    @property
+    def remote(self) -> bool:
+        return self.files.remote
 
     def __str__(self) -> str:
-        return str(self.path)
+        return self.files.url
 
     @staticmethod
     def shard_name(index: int) -> str:
@@ -82,13 +104,13 @@ class CacheDir:
         """The record of shard `index`: its sha256, size and stats, written with it."""
         return cls.shard_name(index) + ".json"
 
-    def file(self, name: str) -> Path:
-        """Where the file `name` of this cache lives (for messages, and for benchmarks that
-        time reading it)."""
-        return self.path / name
+    def file(self, name: str) -> Path | str:
+        """Where the file `name` of this cache lives: a local path, or a URL (for messages,
+        and for benchmarks that time reading it)."""
+        return self.files.file(name)
 
     def has(self, name: str) -> bool:
-        return self.file(name).is_file()
+        return self.files.exists(name)
 
     def is_complete(self) -> bool:
         return self.has(self.MANIFEST)
@@ -101,27 +123,36 @@ class CacheDir:
         return self.has(self.PLAN) or bool(self.complete_shards())
 
     def complete_shards(self) -> dict[int, str]:
-        """Shard index -> name of every complete shard on disk (temp files are never listed)."""
-        names = (p.name for p in sorted(self.path.glob(self.SHARD_GLOB)))
+        """Shard index -> name of every complete shard (temp files are never listed)."""
+        names = self.files.names(self.SHARD_GLOB)
         return {i: name for name in names if (i := self.shard_index(name)) is not None}
 
     def size(self, name: str) -> int:
-        return self.file(name).stat().st_size
+        return self.files.size(name)
+
+    def read_bytes(self, name: str) -> bytes:
+        """The whole file `name` (on an object store: one GET, retried when transient)."""
+        return self.files.read_bytes(name)
 
     def sha256(self, name: str) -> str:
-        return file_sha256(self.file(name))
+        if not self.remote:
+            return file_sha256(self.files.file(name))  # type: ignore[arg-type]
+        return hashlib.sha256(self.read_bytes(name)).hexdigest()
 
     def create(self) -> None:
-        """Make the directory (and the cache root) if it does not exist."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        """Make the directory (and the cache root) if it does not exist (on an object store
+        there is nothing to make)."""
+        self.files.makedirs()
 
     def locked(self, wait_s: float) -> AbstractContextManager[None]:
-        """Hold this cache's lock (`store/lock.py`) for the block: while another process
-        holds it, wait up to `wait_s` seconds, then fail naming it (0: at once)."""
-        return lock.hold(self.file(self.LOCK), wait_s)
+        """Hold this cache's lock for the block: while another process holds it, wait up to
+        `wait_s` seconds, then fail naming it (0: at once). A local flock (`store/lock.py`)
+        or an object-store lease (`store/lease.py`)."""
+        return self.files.lock(self.LOCK, wait_s)
 
     def remove_temp_files(self) -> None:
-        """Delete temp files left by killed writes: never complete, never trusted.
+        """Delete temp files left by killed writes (on an object store: abort their multipart
+        uploads): never complete, never trusted.
 
         All of them, under this cache's lock (taken here at once unless this process holds
         it, failing with the holder's name if another one does): every writer of a cache
@@ -131,15 +162,16 @@ class CacheDir:
         one), and the pids of a peer on another host sharing the directory are not ours to
         check."""
         with self.locked(wait_s=0):
-            for stale in self.path.glob(TEMP_GLOB):
-                stale.unlink()
+            self.files.remove_temp_files()
 
     @contextmanager
-    def writing(self, name: str) -> Iterator[Path]:
-        """A temp path to write the file `name` to; it appears under `name` only when the
-        block ends without error (`atomic_path`). A full disk is one `RlkdError` naming it
-        (`_room_for`)."""
-        with self._room_for(name), atomic_path(self.file(name)) as tmp:
+    def writing(self, name: str, create: bool = False) -> Iterator[Path]:
+        """A local temp path to write the file `name` to; it appears under `name` only when
+        the block ends without error. With `create`, only if no file has that name yet
+        (else FileExistsError). A full disk is one `RlkdError` naming it (`_room_for`)."""
+        if self.remote:
+            lease.check(self.files.path)  # type: ignore[arg-type]
+        with self._room_for(name), self.files.writing(name, create) as tmp:
             yield tmp
 
     @contextmanager
@@ -152,74 +184,79 @@ class CacheDir:
         except OSError as e:
             if not is_disk_full(e):
                 raise
-            raise disk_full(name, self.path) from None
+            raise disk_full(name, str(self)) from None
+
+    def _write_json(self, name: str, value: Any, create: bool = False) -> None:
+        """`value` as indented, key-sorted JSON (and a newline), atomically."""
+        with self.writing(name, create) as tmp:
+            write_json(tmp, value)
+
+    def _read_json(self, name: str) -> Any:
+        return json.loads(self.read_bytes(name))
 
     def read_table(self, name: str, columns: list[str] | None = None) -> pa.Table:
         """A Parquet file of this cache, its page checksums verified (where it has them:
         files written before they were are read unchecked)."""
-        return pq.read_table(self.file(name), columns=columns, page_checksum_verification=True)
+        return table_of(self.read_bytes(name), columns)
 
     def footer_metadata(self, name: str) -> dict[bytes, bytes]:
         """The key-value metadata of a Parquet file's footer (its data is not read)."""
-        return pq.ParquetFile(self.file(name)).metadata.metadata or {}
+        with self.files.open(name) as fh:
+            return pq.ParquetFile(fh).metadata.metadata or {}
 
     def read_record(self, index: int) -> Any:
         """The JSON value of shard `index`'s record, or None if it has none (or an unreadable
         one: its write never finished)."""
         try:
-            return json.loads(self.file(self.record_name(index)).read_text())
+            return self._read_json(self.record_name(index))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None
 
     def write_record(self, index: int, record: dict[str, Any]) -> None:
-        name = self.record_name(index)
-        with self._room_for(name):
-            write_json_atomic(self.file(name), record)
+        self._write_json(self.record_name(index), record)
 
     def remove_shard(self, index: int) -> None:
         """Delete shard `index` and its record (a damaged shard, to be written again)."""
         for name in (self.shard_name(index), self.record_name(index)):
-            self.file(name).unlink(missing_ok=True)
+            self.files.remove(name)
 
     def read_manifest(self) -> dict[str, Any]:
         """The manifest's JSON document; raise `RlkdError` naming the directory or the file
         when there is no cache, no manifest (an incomplete cache) or no valid JSON."""
         path = self.file(self.MANIFEST)
-        if not self.path.is_dir():
-            raise RlkdError(f"cache not found: {self.path} (expected a cache directory)")
-        if not path.is_file():
+        if not self.has(self.MANIFEST):
+            if not self.files.is_dir():
+                raise RlkdError(f"cache not found: {self} (expected a cache directory)")
             raise RlkdError(
-                f"{self.path} is not a complete cache: it has no {self.MANIFEST} "
+                f"{self} is not a complete cache: it has no {self.MANIFEST} "
                 "(an interrupted `rlkd cache` resumes when rerun with the same arguments)"
             )
         try:
-            return json.loads(path.read_text())
+            return self._read_json(self.MANIFEST)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise RlkdError(f"{path}: corrupt manifest, expected JSON ({e})") from None
 
-    def write_manifest(self, document: dict[str, Any]) -> None:
-        """Write the manifest, atomically: call it last, after every shard."""
-        with self._room_for(self.MANIFEST):
-            write_json_atomic(self.file(self.MANIFEST), document)
+    def write_manifest(self, document: dict[str, Any], create: bool = False) -> None:
+        """Write the manifest, atomically: call it last, after every shard. With `create`,
+        only if there is none yet (else FileExistsError)."""
+        self._write_json(self.MANIFEST, document, create)
 
     def read_plan(self, fingerprint: str) -> list[int] | None:
         """Rows per shard as saved by an earlier run for `fingerprint`, else None."""
-        path = self.file(self.PLAN)
-        if not path.is_file():
+        if not self.has(self.PLAN):
             return None
         try:
-            plan = json.loads(path.read_text())
+            plan = self._read_json(self.PLAN)
             if plan.get("fingerprint") != fingerprint:
                 return None
             return [int(n) for n in plan["shard_rows"]]
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-            raise RlkdError(f"{path}: corrupt shard plan ({e}); delete it and rerun") from None
+            raise RlkdError(
+                f"{self.file(self.PLAN)}: corrupt shard plan ({e}); delete it and rerun"
+            ) from None
 
     def write_plan(self, fingerprint: str, shard_rows: list[int]) -> None:
-        with self._room_for(self.PLAN):
-            write_json_atomic(
-                self.file(self.PLAN), {"fingerprint": fingerprint, "shard_rows": shard_rows}
-            )
+        self._write_json(self.PLAN, {"fingerprint": fingerprint, "shard_rows": shard_rows})
 
     def read_responses(self, columns: list[str] | None = None) -> pa.Table:
         """The saved teacher generations (seq_id, prompt, response)."""
@@ -230,11 +267,16 @@ class CacheDir:
             pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
 
 
-def cache_dirs(root: str | Path) -> Iterator[CacheDir]:
+def table_of(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file's table from its bytes, page checksums verified where it has them."""
+    return pq.read_table(io.BytesIO(data), columns=columns, page_checksum_verification=True)
+
+
+def cache_dirs(
+    root: str | Path, storage_options: StorageOptions | None = None
+) -> Iterator[CacheDir]:
     """Every folder under a cache root that may be a cache (complete or not), by name."""
-    root = Path(root)
-    if not root.is_dir():
-        return
-    for folder in sorted(root.iterdir()):
-        if folder.is_dir() and folder.name not in NOT_CACHES:
-            yield CacheDir(folder)
+    files = folder(root, storage_options)
+    for name in files.subfolders():
+        if name not in NOT_CACHES:
+            yield CacheDir(files.child(name))

@@ -1,9 +1,16 @@
-"""What `rlkd inspect`, `verify`, `ls` and `export` do, as library functions."""
+"""What `rlkd inspect`, `verify`, `ls`, `export` and `copy` do, as library functions.
+
+Every one takes a local folder or an fsspec URL (`store/files.py`), with `storage_options`
+for the filesystem.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,11 +22,16 @@ import pyarrow.parquet as pq
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.store import codec
 from rlkd_cache.store.atomic import atomic_path
+from rlkd_cache.store.files import StorageOptions, folder
 from rlkd_cache.store.fingerprint import fingerprint
 from rlkd_cache.store.layout import CacheDir, cache_dirs
 from rlkd_cache.store.manifest import DIGEST_KEY, ShardEntry
 from rlkd_cache.store.reader import Cache
 from rlkd_cache.store.writer import STATS_KEY
+
+CACHE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+"""What a cache directory's name is (`cache.py` names them `slug-slug-kK-FINGERPRINT`): one
+path component, never `..`, a separator or a scheme."""
 
 log = logging.getLogger("rlkd.store")
 
@@ -40,7 +52,7 @@ def summary(cache: Cache) -> dict[str, Any]:
     m = cache.info
     totals = m.totals
     return {
-        "path": str(cache.dir),
+        "path": str(cache.layout),
         "fingerprint": m.fingerprint,
         "teacher": m.teacher.name,
         "teacher_sha256": m.teacher.sha256,
@@ -67,27 +79,29 @@ def summary(cache: Cache) -> dict[str, Any]:
     }
 
 
-def verify(path: str | Path) -> list[str]:
+def verify(path: str | Path, storage_options: StorageOptions | None = None) -> list[str]:
     """Problems found in a cache (empty if it is sound): the manifest against its digest
     (`Cache` refuses a mismatch; a manifest without one is a warning), its identity and the
-    directory name; each shard's checksum, size, footer stats and decoding."""
-    cache = Cache(path)
+    directory name; each shard's checksum, size, footer stats and decoding (each shard read
+    once)."""
+    cache = Cache(path, storage_options)
     layout = cache.layout
     problems = manifest_problems(cache)
     for index, entry in enumerate(cache.info.shards):
         shard = layout.file(entry.name)
-        if not layout.has(entry.name):
+        try:
+            data = cache.shard_bytes(index, verify=False)
+        except RlkdError:
             problems.append(f"{shard}: missing")
             continue
-        size = layout.size(entry.name)
-        if size != entry.bytes:
-            problems.append(f"{shard}: {size} bytes, manifest says {entry.bytes}")
-        if layout.sha256(entry.name) != entry.sha256:
+        if len(data) != entry.bytes:
+            problems.append(f"{shard}: {len(data)} bytes, manifest says {entry.bytes}")
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
             problems.append(f"{shard}: sha256 differs from the manifest (corrupt)")
             continue
         try:
-            cache.read_shard(index, verify=False)
-            problems += footer_problems(layout, entry)
+            cache.read_shard(index, verify=False, data=data)
+            problems += footer_problems(layout, entry, data)
         except RlkdError as e:
             problems.append(str(e))
     return problems
@@ -103,10 +117,10 @@ def manifest_problems(cache: Cache) -> list[str]:
     problems = []
     if fingerprint(info.identity) != info.fingerprint:
         problems.append(f"{manifest}: the fingerprint is not the sha256 of its identity")
-    if not cache.dir.name.endswith(info.fingerprint[:16]):
+    if not cache.layout.name.endswith(info.fingerprint[:16]):
         problems.append(
             f"{manifest}: fingerprint {info.fingerprint[:16]}... is not the directory's "
-            f"({cache.dir.name})"
+            f"({cache.layout.name})"
         )
     if not info.shards:
         problems.append(f"{manifest}: no shards")
@@ -115,11 +129,12 @@ def manifest_problems(cache: Cache) -> list[str]:
     return problems
 
 
-def footer_problems(layout: CacheDir, entry: ShardEntry) -> list[str]:
-    """Where a shard's footer stats (written with it) differ from its manifest entry."""
+def footer_problems(layout: CacheDir, entry: ShardEntry, data: bytes) -> list[str]:
+    """Where a shard's footer stats (written with it; `data` is its bytes) differ from its
+    manifest entry."""
     shard = layout.file(entry.name)
     try:
-        stats = json.loads(layout.footer_metadata(entry.name)[STATS_KEY])
+        stats = json.loads((pq.ParquetFile(io.BytesIO(data)).metadata.metadata or {})[STATS_KEY])
         written = {key: stats[key] for key in ("rows", "positions", "tokens", "topk_mass_sum")}
     except (KeyError, TypeError, ValueError) as e:
         return [f"{shard}: footer stats missing or corrupt ({e})"]
@@ -127,13 +142,13 @@ def footer_problems(layout: CacheDir, entry: ShardEntry) -> list[str]:
     return [f"{shard}: {', '.join(differ)} differ from the footer's stats"] if differ else []
 
 
-def list_caches(root: str | Path) -> list[str]:
+def list_caches(root: str | Path, storage_options: StorageOptions | None = None) -> list[str]:
     """One line per cache directory under `root` (complete or not)."""
     lines = []
-    for layout in cache_dirs(root):
+    for layout in cache_dirs(root, storage_options):
         if layout.is_complete():
             try:
-                s = summary(Cache(layout.path))
+                s = summary(Cache(layout.files))
             except RlkdError as e:
                 lines.append(f"{layout}  unreadable: {e}")
                 continue
@@ -151,9 +166,10 @@ def list_caches(root: str | Path) -> list[str]:
     return lines
 
 
-def export(path: str | Path, out: str | Path) -> int:
-    """Write the decoded cache as plain Parquet (EXPORT_SCHEMA); return the row count."""
-    cache = Cache(path)
+def export(path: str | Path, out: str | Path, storage_options: StorageOptions | None = None) -> int:
+    """Write the decoded cache as plain Parquet (EXPORT_SCHEMA) to the local file `out`;
+    return the row count."""
+    cache = Cache(path, storage_options)
     rows = 0
     with (
         atomic_path(Path(out)) as tmp,
@@ -163,6 +179,84 @@ def export(path: str | Path, out: str | Path) -> int:
             writer.write_table(export_table(block))
             rows += len(block)
     return rows
+
+
+def copy(
+    source: str | Path,
+    root: str | Path,
+    storage_options: StorageOptions | None = None,
+    lock_wait: float = 3600.0,
+    progress: bool = True,
+) -> Path | str:
+    """Copy the complete cache `source` into the cache root `root` (local or any fsspec URL,
+    either way); return the copy's directory.
+
+    Every shard is read and checked against the manifest's sha256 before it is written; one
+    already at the destination with the right sha256 is skipped, so an interrupted copy
+    resumes when rerun. The manifest, the same document, is written last: the copy is
+    complete (and found by `rlkd train`) only then. A destination that already holds a
+    different manifest under the cache's name is refused. The copy holds the destination's
+    lock, as `rlkd cache` does."""
+    from tqdm import tqdm
+
+    cache = Cache(source, storage_options)
+    problems = manifest_problems(cache)
+    if problems:
+        raise RlkdError(f"not copied: {problems[0]}")
+    if not CACHE_NAME.fullmatch(cache.layout.name):
+        raise RlkdError(f"{cache.layout}: {cache.layout.name!r} is not a cache directory name")
+    dest = CacheDir(folder(root, storage_options).child(cache.layout.name))
+    if _same_manifest(dest, cache):
+        log.info("already there: %s", dest)
+        return dest.path
+    dest.create()
+    files = [(e.name, e.bytes, e.sha256) for e in cache.info.shards]
+    if cache.info.responses.sha256 is not None:
+        files.append(
+            (CacheDir.RESPONSES, cache.layout.size(CacheDir.RESPONSES), cache.info.responses.sha256)
+        )
+    with dest.locked(lock_wait):
+        dest.remove_temp_files()
+        if _same_manifest(dest, cache):
+            return dest.path
+        bar = tqdm(
+            total=sum(size for _, size, _ in files),
+            unit="B",
+            unit_scale=True,
+            desc="rlkd copy",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        with bar:
+            for name, size, sha in files:
+                if dest.has(name) and dest.size(name) == size and dest.sha256(name) == sha:
+                    bar.update(size)
+                    continue
+                data = cache.layout.read_bytes(name)
+                if hashlib.sha256(data).hexdigest() != sha:
+                    raise RlkdError(
+                        f"{cache.layout.file(name)}: sha256 differs from the manifest (corrupt): "
+                        "not copied"
+                    )
+                with dest.writing(name) as tmp:
+                    tmp.write_bytes(data)
+                bar.update(size)
+        dest.write_manifest(cache.manifest)
+    log.info("copied %s to %s", cache.layout, dest)
+    return dest.path
+
+
+def _same_manifest(dest: CacheDir, cache: Cache) -> bool:
+    """True if `dest` is complete with `cache`'s manifest; raise `RlkdError` if it is complete
+    with another one."""
+    if not dest.is_complete():
+        return False
+    if dest.read_manifest() != cache.manifest:
+        raise RlkdError(
+            f"{dest} already holds another manifest under this cache's name: not overwritten "
+            "(delete it to copy again)"
+        )
+    return True
 
 
 def export_table(block: codec.Block) -> pa.Table:

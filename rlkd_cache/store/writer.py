@@ -7,11 +7,19 @@ complete, and only after its record (`CacheDir.record_name`: the sha256 and size
 bytes written, and the stats) is on disk. Entering deletes the temp files a killed run left;
 `resume` takes over the complete shards it left that match their records, and has the rest
 redone. The manifest, written last by `finish`, carries the recorded hashes.
+
+Shards and the manifest are written only where no file has their name (`CacheDir.writing`
+with `create`): a shard that appeared meanwhile (another writer of the same cache on an
+object store, whose lease this run outlived) is adopted as it is, its sha256 taken from its
+bytes, so the manifest lists what the store holds; a manifest that appeared meanwhile is the
+cache, complete, and is kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import logging
 from collections.abc import Sequence
@@ -21,6 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from rlkd_cache.errors import RlkdError
 from rlkd_cache.store import codec
 from rlkd_cache.store.layout import CacheDir, file_sha256
 from rlkd_cache.store.manifest import Manifest, ShardEntry
@@ -128,7 +137,12 @@ class CacheWriter:
         self.drain()
         shards = tuple(self._written[i] for i in sorted(self._written))
         done = dataclasses.replace(manifest, shards=shards)
-        self.layout.write_manifest(done.to_json())
+        try:
+            self.layout.write_manifest(done.to_json(), create=True)
+        except FileExistsError:
+            log.info("%s was completed by another run meanwhile: keeping its manifest", self.layout)
+            path = self.layout.file(CacheDir.MANIFEST)
+            return Manifest.from_json(self.layout.read_manifest(), path)
         return done
 
 
@@ -149,18 +163,47 @@ def write_shard(
     metadata[STATS_KEY] = json.dumps(stats).encode()
     name = layout.shard_name(index)
     schema = table.schema.remove_metadata()
-    with layout.writing(name) as tmp:
-        with pq.ParquetWriter(tmp, schema, **parquet_options(level)) as w:
-            w.write_table(table.replace_schema_metadata(None), row_group_size=len(block) or 1)
-            w.add_key_value_metadata(metadata)
-        entry = ShardEntry(
-            name=name,
-            rows=stats["rows"],
-            positions=stats["positions"],
-            tokens=stats["tokens"],
-            bytes=tmp.stat().st_size,
-            sha256=file_sha256(tmp),
-            topk_mass_sum=stats["topk_mass_sum"],
+    try:
+        with layout.writing(name, create=True) as tmp:
+            with pq.ParquetWriter(tmp, schema, **parquet_options(level)) as w:
+                w.write_table(table.replace_schema_metadata(None), row_group_size=len(block) or 1)
+                w.add_key_value_metadata(metadata)
+            entry = _entry(name, stats, tmp.stat().st_size, file_sha256(tmp))
+            layout.write_record(index, dataclasses.asdict(entry))
+    except FileExistsError:
+        entry = _adopt(layout, index, stats)
+    return entry
+
+
+def _entry(name: str, stats: dict[str, Any], size: int, sha256: str) -> ShardEntry:
+    return ShardEntry(
+        name=name,
+        rows=stats["rows"],
+        positions=stats["positions"],
+        tokens=stats["tokens"],
+        bytes=size,
+        sha256=sha256,
+        topk_mass_sum=stats["topk_mass_sum"],
+    )
+
+
+def _adopt(layout: CacheDir, index: int, stats: dict[str, Any]) -> ShardEntry:
+    """The entry of shard `index` as another writer of this cache wrote it meanwhile (its
+    record rewritten to match), after checking it holds the rows this one would have."""
+    name = layout.shard_name(index)
+    data = layout.read_bytes(name)
+    try:
+        theirs = json.loads(pq.ParquetFile(io.BytesIO(data)).metadata.metadata[STATS_KEY])
+    except Exception as e:  # pyarrow raises several types for damaged files
+        raise RlkdError(f"{layout.file(name)}: written by another run, unreadable ({e})") from None
+    keys = ("rows", "positions", "tokens")
+    if [theirs.get(k) for k in keys] != [stats[k] for k in keys]:
+        raise RlkdError(
+            f"{layout.file(name)}: written meanwhile by another run with other rows "
+            f"({theirs.get('rows')} rows, this run has {stats['rows']}): two runs with "
+            "different inputs share this cache directory"
         )
-        layout.write_record(index, dataclasses.asdict(entry))
+    entry = _entry(name, theirs, len(data), hashlib.sha256(data).hexdigest())
+    layout.write_record(index, dataclasses.asdict(entry))
+    log.warning("warning: %s was written by another run meanwhile: kept as it is", name)
     return entry

@@ -151,7 +151,9 @@ class TokenBatcher:
         if batch_tokens < 1 or window_batches < 1:
             raise RlkdError(f"batch_tokens {batch_tokens} and window_batches must be >= 1")
         if k is not None and not 1 <= k <= stream.cache.k:
-            raise RlkdError(f"k={k} asked, but the cache {stream.cache.dir} has k={stream.cache.k}")
+            raise RlkdError(
+                f"k={k} asked, but the cache {stream.cache.layout} has k={stream.cache.k}"
+            )
         self.stream = stream
         self.batch_tokens = batch_tokens
         self.k = k

@@ -284,4 +284,4 @@ def student_checksum(student: torch.nn.Module) -> str:
 def cache_identity(cache: Cache) -> str:
     """A cache's fingerprint (its folder name) and the sha256 of its shard list."""
     shards = json.dumps(cache.shards, sort_keys=True, default=str).encode()
-    return f"{cache.dir.name} (shards {hashlib.sha256(shards).hexdigest()[:12]})"
+    return f"{cache.layout.name} (shards {hashlib.sha256(shards).hexdigest()[:12]})"

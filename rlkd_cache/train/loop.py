@@ -28,13 +28,13 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
-from rlkd_cache.config import TrainConfig, flag, pick_device, validated
+from rlkd_cache.config import TrainConfig, flag, pick_device, saved, validated
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.store.reader import Cache
 from rlkd_cache.train.batching import Batch, TokenBatcher
@@ -135,7 +135,7 @@ def identities(
     """What every rank of a job must share: each setting (flag), the caches' content and the
     student's weights (paths may differ, say node-local copies: their content is compared)."""
     by_content = ("cache", "eval_cache", "student")
-    same = {flag(k): repr(v) for k, v in asdict(cfg).items() if k not in by_content}
+    same = {flag(k): repr(v) for k, v in saved(cfg).items() if k not in by_content}
     return {
         **same,
         "training cache": cache_identity(cache),
@@ -168,8 +168,8 @@ def setup(cfg: TrainConfig, world: World | None = None) -> Run:
             "--precision fp16 does not work with --parallel fsdp (the loss scaler cannot see "
             "sharded gradients): use --precision bf16"
         )
-    cache = Cache(cfg.cache)
-    eval_cache = Cache(cfg.eval_cache) if cfg.eval_cache else None
+    cache = cfg.open_cache(cfg.cache)
+    eval_cache = cfg.open_cache(cfg.eval_cache) if cfg.eval_cache else None
     torch.manual_seed(cfg.seed)
     student, tokenizer = load_student(cfg.student, device)
     check_compatible(cache, tokenizer, student, cfg.rank_k, "training")
@@ -188,6 +188,7 @@ def setup(cfg: TrainConfig, world: World | None = None) -> Run:
         shuffle_buffer=cfg.shuffle_buffer,
         rank=world.rank,
         world_size=world.size,
+        prefetch=cfg.prefetch_shards,
     )
     batcher = TokenBatcher(stream, batch_tokens=cfg.batch_tokens)
     total_steps, epochs = plan_steps(cfg, batcher, world)

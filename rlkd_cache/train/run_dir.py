@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from rlkd_cache.config import TrainConfig
+from rlkd_cache.config import saved as saved_fields
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.store.atomic import write_json_atomic
 from rlkd_cache.train.checkpoint import checkpoints
@@ -31,6 +31,9 @@ NOT_RUN_DEFINING = (
     "log_every",
     "device",
     "eval_cache",
+    "prefetch_shards",
+    "local_cache",
+    "local_cache_gib",
 )
 """Config keys that may differ when a run is continued."""
 
@@ -51,10 +54,10 @@ def config_differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """The run-defining keys in which a run folder's saved `config.json` differs from `cfg`.
     A key the saved config lacks (written by an rlkd that had no such option) counts as the
     option's default, so adding an option does not orphan existing runs."""
-    defaults = asdict(TrainConfig())
+    defaults = saved_fields(TrainConfig())
     return sorted(
         k
-        for k, value in asdict(cfg).items()
+        for k, value in saved_fields(cfg).items()
         if k not in NOT_RUN_DEFINING and saved.get(k, defaults[k]) != value
     )
 
@@ -77,7 +80,7 @@ def prepare_run_dir(cfg: TrainConfig, world_size: int = 1) -> list[Path]:
     if run.exists() and not run.is_dir():
         raise RlkdError(f"--output {run}: a file is there; expected a run folder (new or not)")
     saved_path = run / "config.json"
-    resolved = {**asdict(cfg), "world_size": world_size}
+    resolved = {**saved_fields(cfg), "world_size": world_size}
     if cfg.resume not in ("auto", "never"):
         checkpoint = Path(cfg.resume)
         try:

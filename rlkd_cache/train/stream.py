@@ -18,8 +18,9 @@ strided `g % C` split would make every reader decode every shard). A reader keep
 range every epoch; its rows are reshuffled. A reader whose range is empty (more readers than
 rows) raises.
 
-Memory: the decoded shard being read plus the buffered rows (copied out of their shard, so a
-buffered row does not keep its whole shard alive).
+Memory: the decoded shard being read, the next `prefetch` shards (read and decoded in
+background threads while this one trains: `Cache.blocks`), plus the buffered rows (copied
+out of their shard, so a buffered row does not keep its whole shard alive).
 
 Position and resume: `state_dict()` holds the epoch and how many rows of it this reader has
 consumed (plus the shard and row of the last one, for humans). `load_state_dict()` makes the
@@ -83,11 +84,14 @@ class CacheStream:
         rank: int = 0,
         world_size: int = 1,
         max_tokens: int | None = None,
+        prefetch: int = 2,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise RlkdError(f"rank {rank} must be in [0, world_size={world_size})")
         if shuffle_buffer < 1:
             raise RlkdError(f"shuffle_buffer {shuffle_buffer} must be at least 1 row")
+        if prefetch < 0:
+            raise RlkdError(f"prefetch {prefetch} must be >= 0 shards")
         if max_tokens is not None and max_tokens < 1:
             raise RlkdError(f"max_tokens {max_tokens} must be at least 1 (or None)")
         self.cache = cache
@@ -96,6 +100,7 @@ class CacheStream:
         self.rank = rank
         self.world_size = world_size
         self.max_tokens = max_tokens
+        self.prefetch = prefetch
         shard_rows = np.array([s["rows"] for s in cache.shards], dtype=np.int64)
         self._first_row = codec.offsets(shard_rows)  # (S + 1,) global index of shard starts
         self.epoch = 0
@@ -111,17 +116,20 @@ class CacheStream:
         if lo == hi:
             raise RlkdError(
                 f"reader {slot} of {readers} (rank {self.rank} of {self.world_size}) gets no "
-                f"rows: {self.cache.dir} holds only {total} rows"
+                f"rows: {self.cache.layout} holds only {total} rows"
             )
-        buffer: list[Located] = []
+        visits = []  # (shard, its rows of this reader in read order, buffer slots)
         for shard in rng.permutation(len(self._first_row) - 1).tolist():
             first, end = int(self._first_row[shard]), int(self._first_row[shard + 1])
             mine = rng.permutation(np.arange(max(first, lo), min(end, hi)) - first)
             picks = rng.integers(self.shuffle_buffer, size=len(mine))
-            if not len(mine):
-                continue
-            rows = list(split_rows(self.cache.read_shard(shard)))
-            for r, j in zip(mine.tolist(), picks.tolist(), strict=True):
+            if len(mine):
+                visits.append((shard, mine.tolist(), picks.tolist()))
+        buffer: list[Located] = []
+        blocks = self.cache.blocks(indices=[v[0] for v in visits], prefetch=self.prefetch)
+        for (shard, mine, picks), block in zip(visits, blocks, strict=True):
+            rows = list(split_rows(block))
+            for r, j in zip(mine, picks, strict=True):
                 item = (shard, r, _own(rows[r]))
                 if len(buffer) < self.shuffle_buffer:
                     buffer.append(item)

@@ -49,17 +49,18 @@ def check_compatible(cache: Cache, tokenizer: Any, model: Any, rank_k: int, labe
         raise RlkdError(
             f"the student's tokenizer ({len(tokenizer)} tokens, vocab sha256 {ours[:12]}) differs "
             f"from the {label} cache's ({cached.vocab_size} tokens, vocab sha256 "
-            f"{str(theirs)[:12]}) at {cache.dir}: distil with a student of the teacher's tokenizer"
+            f"{str(theirs)[:12]}) at {cache.layout}: distil with a student of the teacher's "
+            "tokenizer"
         )
     head = model.get_output_embeddings().weight.shape[0]
     if head < cache.vocab_size:
         raise RlkdError(
             f"the student's LM head has {head} outputs, fewer than the {label} cache's vocabulary "
-            f"({cache.vocab_size}) at {cache.dir}"
+            f"({cache.vocab_size}) at {cache.layout}"
         )
     if cache.k < rank_k:
         raise RlkdError(
-            f"the {label} cache at {cache.dir} has k={cache.k}, smaller than --rank-k {rank_k}: "
+            f"the {label} cache at {cache.layout} has k={cache.k}, smaller than --rank-k {rank_k}: "
             f"use --rank-k {cache.k} or a cache with a larger --top-k"
         )
 
