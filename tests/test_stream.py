@@ -90,7 +90,9 @@ def test_ranks_are_disjoint_and_cover_the_cache(small_cache: Cache, world_size: 
 def test_each_rank_decodes_only_its_shards(small_cache: Cache, monkeypatch: pytest.MonkeyPatch):
     decoded = []
     read = small_cache.read_shard
-    monkeypatch.setattr(small_cache, "read_shard", lambda i, *rest: decoded.append(i) or read(i, *rest))
+    monkeypatch.setattr(
+        small_cache, "read_shard", lambda i, *rest: decoded.append(i) or read(i, *rest)
+    )
     for rank in range(3):
         list(CacheStream(small_cache, seed=0, rank=rank, world_size=3).epoch_rows(0))
     assert len(decoded) <= len(small_cache.shards) + 3 - 1

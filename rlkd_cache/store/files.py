@@ -60,6 +60,22 @@ BACKOFF_S = 0.5
 T = TypeVar("T")
 
 
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """What a read may fail with and then succeed on retry: OS-level and timeout errors, and
+    the connection errors of the S3 and HTTP clients that fsspec filesystems use (which
+    they do not always turn into OSError)."""
+    found: list[type[BaseException]] = [OSError, TimeoutError]
+    with contextlib.suppress(ImportError):
+        from botocore.exceptions import BotoCoreError
+
+        found.append(BotoCoreError)
+    with contextlib.suppress(ImportError):
+        from aiohttp import ClientError
+
+        found.append(ClientError)
+    return tuple(found)
+
+
 def folder(where: str | Path, storage_options: StorageOptions | None = None) -> Files:
     """The folder a path or URL names: `LocalFiles` for a path or `file://`, else
     `ObjectFiles` (raise `RlkdError` naming the pip extra when its filesystem is missing)."""
@@ -80,6 +96,15 @@ def folder(where: str | Path, storage_options: StorageOptions | None = None) -> 
         raise RlkdError(f"{text}: no filesystem for {protocol}:// is installed ({hint})") from None
     except ValueError as e:
         raise RlkdError(f"{text}: not a URL fsspec knows ({e})") from None
+    except TypeError as e:
+        raise RlkdError(f"{text}: storage options {sorted(options)} not accepted ({e})") from None
+    if hasattr(fs, "connect"):  # s3fs makes its client lazily: check the options now
+        try:
+            fs.connect()
+        except (TypeError, ValueError) as e:
+            raise RlkdError(
+                f"{text}: storage options {sorted(options)} not accepted ({e})"
+            ) from None
     return ObjectFiles(fs, path.rstrip("/"))
 
 
@@ -197,7 +222,12 @@ class ObjectFiles:
         return sorted(e["name"].rsplit("/", 1)[-1] for e in self._listing() if e["type"] != "file")
 
     def exists(self, name: str) -> bool:
-        return self._retrying(lambda: self.fs.isfile(self._key(name)))
+        """True if an object has the name (`fs.isfile` would say False for an unreachable
+        store too)."""
+        try:
+            return self._retrying(lambda: self.fs.info(self._key(name)))["type"] == "file"
+        except FileNotFoundError:
+            return False
 
     def names(self, pattern: str) -> list[str]:
         found = (e["name"].rsplit("/", 1)[-1] for e in self._listing() if e["type"] == "file")
@@ -254,7 +284,7 @@ class ObjectFiles:
                 return read()
             except (FileNotFoundError, PermissionError, IsADirectoryError):
                 raise
-            except (OSError, TimeoutError) as e:
+            except transient_errors() as e:
                 if attempt == RETRIES:
                     raise RlkdError(f"{self.url}: {type(e).__name__}: {e} ({RETRIES} tries)") from e
                 pause = BACKOFF_S * 2 ** (attempt - 1) * (1 + random.random())

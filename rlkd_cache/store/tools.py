@@ -227,10 +227,12 @@ def copy(
             disable=not progress,
             dynamic_ncols=True,
         )
+        kept = 0
         with bar:
             for name, size, sha in files:
                 if dest.has(name) and dest.size(name) == size and dest.sha256(name) == sha:
                     bar.update(size)
+                    kept += 1
                     continue
                 data = cache.layout.read_bytes(name)
                 if hashlib.sha256(data).hexdigest() != sha:
@@ -242,7 +244,9 @@ def copy(
                     tmp.write_bytes(data)
                 bar.update(size)
         dest.write_manifest(cache.manifest)
-    log.info("copied %s to %s", cache.layout, dest)
+    log.info(
+        "copied %s to %s (%d of %d files were there already)", cache.layout, dest, kept, len(files)
+    )
     return dest.path
 
 
