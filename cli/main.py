@@ -162,7 +162,7 @@ def copy(
     """Copy the cache SOURCE into the cache root DEST_ROOT (folders or URLs, local <-> S3 <->
     S3): every sha256 checked, shards already there skipped (rerun to resume), the manifest
     written last. Prints the copy's path."""
-    from rlkd_cache.store.tools import copy as copy_cache
+    from rlkd_cache.store.copy import copy as copy_cache
 
     click.echo(str(copy_cache(source, dest_root, storage_options, lock_wait, not no_progress)))
 

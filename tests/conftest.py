@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -161,10 +162,11 @@ class S3Server:
         return f"s3://{name}"
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
+@contextmanager
+def moto_server() -> Iterator[S3Server]:
     """Start `moto_server` on a free loopback port, wait for its health endpoint, point the
-    AWS environment of this process (and its children) at it; stop it (by its pid) after."""
+    AWS environment of this process (and its children) at it; stop it (by its pid) after.
+    Also used by `benchmarks/object_store.py`."""
     import subprocess
     import sys
     import time
@@ -205,3 +207,10 @@ def s3_server() -> Iterator[S3Server]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A real S3-compatible server on loopback for the session (`moto_server`)."""
+    with moto_server() as server:
+        yield server

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,33 @@ def test_more_readers_than_rows_is_refused(small_cache: Cache):
     stream = CacheStream(small_cache, seed=0, rank=0, world_size=ROWS + 1)
     with pytest.raises(RlkdError, match="gets no rows"):
         list(stream.epoch_rows(0))
+
+
+@pytest.mark.parametrize("prefetch", [1, 3, 10])
+def test_prefetching_shards_changes_nothing_but_when_they_are_read(small_cache: Cache, prefetch):
+    def rows(ahead: int) -> list[CacheRow]:
+        stream = CacheStream(small_cache, seed=3, shuffle_buffer=5, rank=1, world_size=2)
+        stream.prefetch = ahead
+        return list(stream.rows(epochs=2))
+
+    plain, ahead = rows(0), rows(prefetch)
+    assert ids(plain) == ids(ahead) and len(plain) == ROWS  # rank 1's half, two epochs
+    for a, b in zip(plain, ahead, strict=True):
+        np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs)
+
+
+def test_a_prefetched_shard_that_fails_raises_where_it_is_used(small_cache: Cache, tmp_path):
+    damaged = Path(shutil.copytree(small_cache.layout.path, tmp_path / "damaged"))
+    shard = damaged / "shard-00002.parquet"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 1
+    shard.write_bytes(bytes(data))
+    cache = Cache(damaged)
+    assert len(list(cache.blocks(indices=[0, 1, 3], prefetch=3))) == 3
+    blocks = cache.blocks(prefetch=3)  # shard 2 is read while 0 and 1 are in use
+    assert [len(next(blocks)), len(next(blocks))] == [s.rows for s in cache.info.shards[:2]]
+    with pytest.raises(RlkdError, match=r"shard-00002\.parquet: checksum mismatch"):
+        next(blocks)
 
 
 @pytest.mark.parametrize("consumed", [0, 1, 17, ROWS, ROWS + 5, 2 * ROWS + 39])

@@ -25,15 +25,20 @@ TEMP_GLOB = ".*.tmp"
 FAULT_AT = os.environ.get("RLKD_FAULT_AT", "")
 """A test hook, read here only: `RLKD_FAULT_AT=before-rename:NAME` SIGKILLs this process
 right before the atomic rename of the file or folder NAME (its temp written and fsynced),
-`after-rename:NAME` right after it (the folder fsynced). tests/test_faults.py kills runs at
-exact points with it; unset, it does nothing."""
+`after-rename:NAME` right after it (the folder fsynced); with the prefix `pause:` it sends
+SIGSTOP instead (the process, every thread, stops until SIGCONT). tests/test_faults.py and
+tests/test_object_store.py kill or pause runs at exact points with it; unset, it does
+nothing."""
 
 
 def fault_point(when: str, name: str) -> None:
-    """The test hook `FAULT_AT`: SIGKILL this process if it names this point (on an object
-    store, "rename" is the PUT: `store/files.py`)."""
-    if f"{when}:{name}" == FAULT_AT:
+    """The test hook `FAULT_AT`: SIGKILL (or with `pause:`, SIGSTOP) this process if it names
+    this point (on an object store, "rename" is the PUT: `store/files.py`)."""
+    point = f"{when}:{name}"
+    if point == FAULT_AT:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif f"pause:{point}" == FAULT_AT:
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def temp_path(final: Path, owner: str | None = None) -> Path:
@@ -52,10 +57,9 @@ def fsync(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(final: Path, create: bool = False) -> Iterator[Path]:
+def atomic_path(final: Path) -> Iterator[Path]:
     """Yield the temp path to write `final`'s content to; when the block ends without error,
-    fsync it and rename it over `final` (with `create`: hard-link it to `final`, which raises
-    FileExistsError if `final` exists). On an error it is removed and `final` is untouched.
+    fsync it and rename it over `final`. On an error it is removed and `final` is untouched.
 
         with atomic_path(out) as tmp:
             pq.write_table(table, tmp)
@@ -66,11 +70,7 @@ def atomic_path(final: Path, create: bool = False) -> Iterator[Path]:
         yield tmp
         fsync(tmp)
         fault_point("before-rename", final.name)
-        if create:
-            os.link(tmp, final)
-            tmp.unlink()
-        else:
-            os.replace(tmp, final)
+        os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

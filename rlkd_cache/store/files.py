@@ -153,6 +153,11 @@ class LocalFiles:
     def size(self, name: str) -> int:
         return self.file(name).stat().st_size
 
+    def sizes(self) -> dict[str, int]:
+        if not self.path.is_dir():
+            return {}
+        return {p.name: p.stat().st_size for p in self.path.iterdir() if p.is_file()}
+
     def read_bytes(self, name: str) -> bytes:
         return self.file(name).read_bytes()
 
@@ -164,10 +169,13 @@ class LocalFiles:
 
     @contextmanager
     def writing(self, name: str, create: bool = False) -> Iterator[Path]:
-        """A temp path in this folder, renamed over `name` when the block ends (with `create`,
-        linked to `name` instead: FileExistsError if it exists, the temp file removed)."""
-        with atomic_path(self.file(name), create=create) as tmp:
+        """A temp path in this folder, renamed over `name` when the block ends (with `create`:
+        FileExistsError instead if `name` exists; the folder's lock keeps other rlkd writers
+        out meanwhile)."""
+        with atomic_path(self.file(name)) as tmp:
             yield tmp
+            if create and self.file(name).exists():
+                raise FileExistsError(self.file(name))
 
     def remove(self, name: str) -> None:
         self.file(name).unlink(missing_ok=True)
@@ -235,6 +243,13 @@ class ObjectFiles:
 
     def size(self, name: str) -> int:
         return int(self._retrying(lambda: self.fs.info(self._key(name)))["size"])
+
+    def sizes(self) -> dict[str, int]:
+        return {
+            e["name"].rsplit("/", 1)[-1]: int(e["size"])
+            for e in self._listing()
+            if e["type"] == "file"
+        }
 
     def read_bytes(self, name: str) -> bytes:
         return self._retrying(lambda: self.fs.cat_file(self._key(name)))

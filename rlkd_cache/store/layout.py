@@ -130,6 +130,10 @@ class CacheDir:
     def size(self, name: str) -> int:
         return self.files.size(name)
 
+    def sizes(self) -> dict[str, int]:
+        """The size of every file in this directory (one listing on an object store)."""
+        return self.files.sizes()
+
     def read_bytes(self, name: str) -> bytes:
         """The whole file `name` (on an object store: one GET, retried when transient)."""
         return self.files.read_bytes(name)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -42,8 +43,11 @@ from rlkd_cache.store.lock import POLL_S, Holder, describe
 
 log = logging.getLogger("rlkd.lock")
 
-LEASE_S = 60.0
-"""Seconds a lock stays its holder's without a renewal; renewed every quarter of that."""
+LEASE_S = float(os.environ.get("RLKD_LOCK_LEASE", "60"))
+"""Seconds a lock stays its holder's without a renewal (`$RLKD_LOCK_LEASE`, default 60; every
+writer of a cache should use the same); renewed every quarter of that. Longer: a holder
+survives longer stalls (a paused VM, a slow store); shorter: a dead holder on another machine
+is taken over sooner."""
 
 CONDITIONAL = ("s3", "s3a")
 """Protocols whose fsspec filesystem (s3fs) takes `If-None-Match` and `If-Match`."""

@@ -1,4 +1,5 @@
-"""What `rlkd inspect`, `verify`, `ls`, `export` and `copy` do, as library functions.
+"""What `rlkd inspect`, `verify`, `ls` and `export` do, as library functions (`copy` is in
+`store/copy.py`).
 
 Every one takes a local folder or an fsspec URL (`store/files.py`), with `storage_options`
 for the filesystem.
@@ -10,7 +11,6 @@ import hashlib
 import io
 import json
 import logging
-import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,16 +22,12 @@ import pyarrow.parquet as pq
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.store import codec
 from rlkd_cache.store.atomic import atomic_path
-from rlkd_cache.store.files import StorageOptions, folder
+from rlkd_cache.store.files import StorageOptions
 from rlkd_cache.store.fingerprint import fingerprint
 from rlkd_cache.store.layout import CacheDir, cache_dirs
 from rlkd_cache.store.manifest import DIGEST_KEY, ShardEntry
 from rlkd_cache.store.reader import Cache
 from rlkd_cache.store.writer import STATS_KEY
-
-CACHE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-"""What a cache directory's name is (`cache.py` names them `slug-slug-kK-FINGERPRINT`): one
-path component, never `..`, a separator or a scheme."""
 
 log = logging.getLogger("rlkd.store")
 
@@ -179,88 +175,6 @@ def export(path: str | Path, out: str | Path, storage_options: StorageOptions | 
             writer.write_table(export_table(block))
             rows += len(block)
     return rows
-
-
-def copy(
-    source: str | Path,
-    root: str | Path,
-    storage_options: StorageOptions | None = None,
-    lock_wait: float = 3600.0,
-    progress: bool = True,
-) -> Path | str:
-    """Copy the complete cache `source` into the cache root `root` (local or any fsspec URL,
-    either way); return the copy's directory.
-
-    Every shard is read and checked against the manifest's sha256 before it is written; one
-    already at the destination with the right sha256 is skipped, so an interrupted copy
-    resumes when rerun. The manifest, the same document, is written last: the copy is
-    complete (and found by `rlkd train`) only then. A destination that already holds a
-    different manifest under the cache's name is refused. The copy holds the destination's
-    lock, as `rlkd cache` does."""
-    from tqdm import tqdm
-
-    cache = Cache(source, storage_options)
-    problems = manifest_problems(cache)
-    if problems:
-        raise RlkdError(f"not copied: {problems[0]}")
-    if not CACHE_NAME.fullmatch(cache.layout.name):
-        raise RlkdError(f"{cache.layout}: {cache.layout.name!r} is not a cache directory name")
-    dest = CacheDir(folder(root, storage_options).child(cache.layout.name))
-    if _same_manifest(dest, cache):
-        log.info("already there: %s", dest)
-        return dest.path
-    dest.create()
-    files = [(e.name, e.bytes, e.sha256) for e in cache.info.shards]
-    if cache.info.responses.sha256 is not None:
-        files.append(
-            (CacheDir.RESPONSES, cache.layout.size(CacheDir.RESPONSES), cache.info.responses.sha256)
-        )
-    with dest.locked(lock_wait):
-        dest.remove_temp_files()
-        if _same_manifest(dest, cache):
-            return dest.path
-        bar = tqdm(
-            total=sum(size for _, size, _ in files),
-            unit="B",
-            unit_scale=True,
-            desc="rlkd copy",
-            disable=not progress,
-            dynamic_ncols=True,
-        )
-        kept = 0
-        with bar:
-            for name, size, sha in files:
-                if dest.has(name) and dest.size(name) == size and dest.sha256(name) == sha:
-                    bar.update(size)
-                    kept += 1
-                    continue
-                data = cache.layout.read_bytes(name)
-                if hashlib.sha256(data).hexdigest() != sha:
-                    raise RlkdError(
-                        f"{cache.layout.file(name)}: sha256 differs from the manifest (corrupt): "
-                        "not copied"
-                    )
-                with dest.writing(name) as tmp:
-                    tmp.write_bytes(data)
-                bar.update(size)
-        dest.write_manifest(cache.manifest)
-    log.info(
-        "copied %s to %s (%d of %d files were there already)", cache.layout, dest, kept, len(files)
-    )
-    return dest.path
-
-
-def _same_manifest(dest: CacheDir, cache: Cache) -> bool:
-    """True if `dest` is complete with `cache`'s manifest; raise `RlkdError` if it is complete
-    with another one."""
-    if not dest.is_complete():
-        return False
-    if dest.read_manifest() != cache.manifest:
-        raise RlkdError(
-            f"{dest} already holds another manifest under this cache's name: not overwritten "
-            "(delete it to copy again)"
-        )
-    return True
 
 
 def export_table(block: codec.Block) -> pa.Table:
