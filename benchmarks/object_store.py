@@ -2,9 +2,10 @@
 
 Starts a real S3-compatible server on loopback (moto's server mode, as the tests do; or give
 `--endpoint` of another), builds a k=20 cache of the embedded default teacher over the first
-`--rows` rows of the bundled sample in `--shards` shards (under the cache root's
-`bench-object-store/`: built once), and
-measures, in this one process, side by side, rounds interleaved with the order rotated:
+`--rows` rows of the bundled sample (under the cache root's `bench-object-store/`, once),
+tiles its rows into `--shards` shards of the default size (262,144 positions, ~5 MB: what
+`rlkd cache` writes; `bench-object-store-tiled/`), and measures, in this one process, side
+by side, rounds interleaved with the order rotated:
 
 - loader: distilled positions per second that `rlkd train`'s reader (`CacheStream` +
   `TokenBatcher`) delivers as ready tensors, from local disk, from S3 with the default
@@ -18,7 +19,7 @@ measures, in this one process, side by side, rounds interleaved with the order r
 Loopback S3 (moto, a Python server) is slower than a real store's per-request throughput but
 has no network latency; the figures bound rlkd's own overhead, not a data centre's.
 
-    python benchmarks/object_store.py [--rows 120] [--shards 6] [--rounds 3] [--epochs 2]
+    python benchmarks/object_store.py [--rows 120] [--shards 4] [--rounds 3] [--epochs 1]
         [--train-steps 4] [--endpoint URL]
 
 Prints human-readable lines and, last, one JSON object.
@@ -28,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -36,17 +39,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import moto_server  # noqa: E402  (the tests' server fixture)
-from rlkd_cache.cache import run_cache  # noqa: E402
+from rlkd_cache.cache import POSITIONS_PER_SHARD, run_cache  # noqa: E402
 from rlkd_cache.config import CacheConfig, TrainConfig, default_cache_root  # noqa: E402
 from rlkd_cache.default_teacher import default_teacher  # noqa: E402
+from rlkd_cache.store import codec  # noqa: E402
 from rlkd_cache.store.copy import copy  # noqa: E402
-from rlkd_cache.store.reader import Cache  # noqa: E402
+from rlkd_cache.store.layout import CacheDir  # noqa: E402
+from rlkd_cache.store.manifest import Manifest  # noqa: E402
+from rlkd_cache.store.reader import Cache, split_rows  # noqa: E402
+from rlkd_cache.store.writer import CacheWriter  # noqa: E402
 from rlkd_cache.train.batching import TokenBatcher  # noqa: E402
 from rlkd_cache.train.step import StepSettings, optimizer_step, train_step  # noqa: E402
 from rlkd_cache.train.stream import CacheStream  # noqa: E402
@@ -54,6 +62,36 @@ from rlkd_cache.train.student_init import shallow_student  # noqa: E402
 
 GOAL_RATIO = 20.0
 DEMO_LAYERS = [0, 10, 20, 29]
+
+
+def tiled_cache(small: Cache, root: Path, shards: int) -> Path:
+    """A cache of `shards` shards of about `POSITIONS_PER_SHARD` positions each (the default
+    shard size), made of `small`'s rows repeated, each repetition with its token ids relabelled
+    by a random permutation of the vocabulary (so zstd finds no repeats and a shard takes the
+    bytes a real one does), with `small`'s manifest otherwise (same name under `root`): real
+    shard sizes without hours of teacher time."""
+    folder = root / small.layout.name
+    if (folder / CacheDir.MANIFEST).is_file():
+        return folder
+    rows = [row for block in small.blocks() for row in split_rows(block)]
+    per_shard = math.ceil(POSITIONS_PER_SHARD / sum(len(r.positions) for r in rows))
+    manifest = Manifest.from_json(small.manifest, Path(str(small.layout)))
+    rng = np.random.default_rng(0)
+    with CacheWriter(CacheDir(folder), small.info.logprob_step) as writer:
+        for index in range(shards):
+            perms = [rng.permutation(small.vocab_size).astype(np.int32) for _ in range(per_shard)]
+            tiled = [(p, r) for p in perms for r in rows]
+            block = codec.Block.from_sequences(
+                [f"{r.seq_id}.{index}.{i}" for i, (_, r) in enumerate(tiled)],
+                [p[r.input_ids] for p, r in tiled],
+                [r.positions for _, r in tiled],
+                [p[r.topk_ids] for p, r in tiled],
+                [r.topk_logprobs for _, r in tiled],
+                [r.target_logprobs for _, r in tiled],
+            )
+            writer.submit(index, block)
+        writer.finish(dataclasses.replace(manifest, shards=()))
+    return folder
 
 
 def loader_rate(cache: Cache, prefetch: int, epochs: int, batch_tokens: int) -> float:
@@ -113,9 +151,9 @@ def copy_rates(local: Path, fs: Any, bucket: str, rounds: int) -> dict[str, list
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=120)
-    parser.add_argument("--shards", type=int, default=6)
+    parser.add_argument("--shards", type=int, default=4, help="of the default size")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-tokens", type=int, default=2048)
     parser.add_argument("--train-steps", type=int, default=4)
     parser.add_argument("--endpoint", default=None, help="an S3 endpoint instead of moto")
@@ -130,9 +168,9 @@ def main() -> None:
         cache_root=str(Path(args.cache_root) / "bench-object-store"),
         top_k=20,
         split=f"train[:{args.rows}]",
-        num_shards_hint=args.shards,
     )
-    local = Path(run_cache(cfg, progress=False))
+    small = Cache(run_cache(cfg, progress=False))
+    local = tiled_cache(small, Path(args.cache_root) / "bench-object-store-tiled", args.shards)
     student = shallow_student(teacher, DEMO_LAYERS, work / "student")
     server = contextlib.nullcontext() if args.endpoint else moto_server()
     with server:

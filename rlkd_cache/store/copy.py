@@ -115,7 +115,6 @@ def _copy_file(
             raise RlkdError(
                 f"{source.file(name)}: sha256 differs from the manifest (corrupt): not copied"
             )
-        with dest.writing(name) as tmp:
-            tmp.write_bytes(data)
+        dest.write_bytes(name, data)
     bar.update(size)
     return kept

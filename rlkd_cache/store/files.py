@@ -177,6 +177,10 @@ class LocalFiles:
             if create and self.file(name).exists():
                 raise FileExistsError(self.file(name))
 
+    def write_bytes(self, name: str, data: bytes) -> None:
+        with self.writing(name) as tmp:
+            tmp.write_bytes(data)
+
     def remove(self, name: str) -> None:
         self.file(name).unlink(missing_ok=True)
 
@@ -270,6 +274,12 @@ class ObjectFiles:
             fault_point("before-rename", name)
             self.fs.put_file(str(path), self._key(name), mode="create" if create else "overwrite")
             fault_point("after-rename", name)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """`data` as the object `name`, in one PUT from memory (no local temp file)."""
+        fault_point("before-rename", name)
+        self.fs.pipe_file(self._key(name), data)
+        fault_point("after-rename", name)
 
     def remove(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -178,6 +178,14 @@ class CacheDir:
         with self._room_for(name), self.files.writing(name, create) as tmp:
             yield tmp
 
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write the file `name` with `data`, atomically (on an object store: one PUT from
+        memory)."""
+        if self.remote:
+            lease.check(self.files.path)  # type: ignore[arg-type]
+        with self._room_for(name):
+            self.files.write_bytes(name, data)
+
     @contextmanager
     def _room_for(self, name: str) -> Iterator[None]:
         """Around a write of the file `name`: a full disk or quota becomes one `RlkdError`
