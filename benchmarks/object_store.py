@@ -131,8 +131,9 @@ def train_rate(cache: Cache, student: Path, steps: int, batch_tokens: int) -> fl
 
 def copy_rates(local: Path, fs: Any, bucket: str, rounds: int) -> dict[str, list[float]]:
     """MB/s of `rlkd copy` and of a plain s3fs put of the same files, interleaved."""
-    files = sorted(p for p in local.iterdir() if p.is_file() and not p.name.startswith("."))
-    files = [p for p in files if p.name.endswith(".parquet") or p.name == "manifest.json"]
+    layout = Cache(local).layout
+    names = [entry.name for entry in Cache(local).info.shards] + [CacheDir.MANIFEST]
+    files = [Path(layout.file(name)) for name in names]  # what `rlkd copy` sends
     megabytes = sum(p.stat().st_size for p in files) / 1e6
     rates: dict[str, list[float]] = {"rlkd copy": [], "s3fs put": []}
     for r in range(rounds):

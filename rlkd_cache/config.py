@@ -100,11 +100,12 @@ class ReadConfig(StorageConfig):
 
     def open_cache(self, path: str) -> Cache:
         """The cache at `path` (a folder or an fsspec URL), read with these settings."""
+        from rlkd_cache.store.files import is_remote
         from rlkd_cache.store.reader import Cache
         from rlkd_cache.store.shard_cache import ShardCache
 
         kept = None
-        if self.local_cache is not None:
+        if self.local_cache is not None and is_remote(path):  # a local cache is its own copy
             kept = ShardCache(self.local_cache, int(self.local_cache_gib * 2**30))
         return Cache(path, self.storage_options, kept)
 

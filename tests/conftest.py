@@ -122,6 +122,21 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+def fails(*args: str) -> str:
+    """Run `rlkd ARGS` in this process; assert it failed as promised (exit 1, one error line,
+    no traceback) and return its one error line."""
+    from click.testing import CliRunner
+
+    from rlkd_cli.main import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 1, result.output + result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("rlkd: error: ")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     import socket

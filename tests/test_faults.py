@@ -31,7 +31,7 @@ from fuzz.fuzz_shard import MUTATIONS, blocks_equal, mutate
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import SAMPLE
+from conftest import SAMPLE, fails
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.store import codec, tools
 from rlkd_cache.store.atomic import TEMP_GLOB
@@ -40,16 +40,6 @@ from rlkd_cache.store.reader import Cache, decode_shard
 from rlkd_cache.store.writer import parquet_options
 from rlkd_cache.train.checkpoint import checkpoints
 from rlkd_cli.main import app
-
-
-def fails(*args: str) -> str:
-    """Run `rlkd ARGS`; assert it failed as promised and return its one error line."""
-    result = CliRunner().invoke(app, list(args))
-    assert result.exit_code == 1, result.output + result.stderr
-    assert "Traceback" not in result.output + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("rlkd: error: ")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def cache_args(model: Path, data: Path, root: Path) -> list[str]:

@@ -27,7 +27,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import SAMPLE, S3Server, shallow_copy
+from conftest import SAMPLE, S3Server, fails, shallow_copy
 from rlkd_cache.config import TrainConfig
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.store import files, lease
@@ -64,16 +64,6 @@ def invoke(*args: str) -> list[str]:
     result = CliRunner().invoke(app, list(args))
     assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
     return result.stdout.splitlines()
-
-
-def fails(*args: str) -> str:
-    """`rlkd ARGS` in this process; assert it failed with one error line and no traceback."""
-    result = CliRunner().invoke(app, list(args))
-    assert result.exit_code == 1, result.output + result.stderr
-    assert "Traceback" not in result.output + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("rlkd: error: ")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def start(args: list[str], log: Path, fault: str | None = None) -> subprocess.Popen:

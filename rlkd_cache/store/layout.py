@@ -166,23 +166,28 @@ class CacheDir:
         one), and the pids of a peer on another host sharing the directory are not ours to
         check."""
         with self.locked(wait_s=0):
+            self._fence()
             self.files.remove_temp_files()
+
+    def _fence(self) -> None:
+        """Before any change on an object store: raise if this process's lease on this cache
+        was lost to another process (`lease.check`); a local flock cannot be lost."""
+        if self.remote:
+            lease.check(self.files.path)  # type: ignore[arg-type]
 
     @contextmanager
     def writing(self, name: str, create: bool = False) -> Iterator[Path]:
         """A local temp path to write the file `name` to; it appears under `name` only when
         the block ends without error. With `create`, only if no file has that name yet
         (else FileExistsError). A full disk is one `RlkdError` naming it (`_room_for`)."""
-        if self.remote:
-            lease.check(self.files.path)  # type: ignore[arg-type]
+        self._fence()
         with self._room_for(name), self.files.writing(name, create) as tmp:
             yield tmp
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write the file `name` with `data`, atomically (on an object store: one PUT from
         memory)."""
-        if self.remote:
-            lease.check(self.files.path)  # type: ignore[arg-type]
+        self._fence()
         with self._room_for(name):
             self.files.write_bytes(name, data)
 
@@ -229,6 +234,7 @@ class CacheDir:
 
     def remove_shard(self, index: int) -> None:
         """Delete shard `index` and its record (a damaged shard, to be written again)."""
+        self._fence()
         for name in (self.shard_name(index), self.record_name(index)):
             self.files.remove(name)
 

@@ -175,7 +175,11 @@ def hold(fs: Any, key: str, wait_s: float, lease_s: float = LEASE_S) -> Iterator
             f"writes ({', '.join(p + '://' for p in CONDITIONAL)}), which keep a second writer "
             "out; write the cache locally and `rlkd copy` it there"
         )
-    held = Lease(fs, key, lease_s, _acquire(fs, key, wait_s, lease_s))
+    try:
+        etag = _acquire(fs, key, wait_s, lease_s)
+    except OSError as e:  # no such bucket, no permission, the store unreachable
+        raise RlkdError(f"{fs.unstrip_protocol(key)}: cannot take the lock ({e})") from None
+    held = Lease(fs, key, lease_s, etag)
     _HELD[key] = held
     held._thread.start()
     try:

@@ -87,8 +87,8 @@ def verify(path: str | Path, storage_options: StorageOptions | None = None) -> l
         shard = layout.file(entry.name)
         try:
             data = cache.shard_bytes(index, verify=False)
-        except RlkdError:
-            problems.append(f"{shard}: missing")
+        except RlkdError as e:  # missing, or unreadable after retries
+            problems.append(str(e))
             continue
         if len(data) != entry.bytes:
             problems.append(f"{shard}: {len(data)} bytes, manifest says {entry.bytes}")
