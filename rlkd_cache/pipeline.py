@@ -197,7 +197,11 @@ def finished(cfg: TrainConfig) -> bool:
 
 
 def train_and_evaluate(
-    cfg: TrainConfig, eval_cache: Path, evaluation: EvalConfig, budget: int | None, progress: bool
+    cfg: TrainConfig,
+    eval_cache: Path | str,
+    evaluation: EvalConfig,
+    budget: int | None,
+    progress: bool,
 ) -> dict[str, Any]:
     """Train one run (unless already trained) and evaluate it. With a `budget`, the result is
     kept in the run folder as `budget-N.json`, since the run then trains on past N."""
