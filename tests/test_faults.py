@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -39,6 +40,7 @@ from rlkd_cache.store.layout import CacheDir
 from rlkd_cache.store.reader import Cache, decode_shard
 from rlkd_cache.store.writer import parquet_options
 from rlkd_cache.train.checkpoint import checkpoints
+from rlkd_cache.train.run_dir import run_lock
 from rlkd_cli.main import app
 
 
@@ -138,6 +140,33 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(train_setup,
     assert wa.keys() == wb.keys()
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
+
+
+def test_a_second_training_into_a_busy_output_is_refused_and_a_killed_ones_lock_is_free(
+    train_setup, tmp_path, caplog
+):
+    output = tmp_path / "run"
+    first = start(train_args(train_setup, output, "--max-steps", "100000"), tmp_path / "a.log")
+    try:
+        deadline = time.monotonic() + 300
+        while not (output / "metrics.jsonl").exists():  # past setup: the folder's lock is held
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        saved = (output / "config.json").read_bytes()
+        line = fails(*train_args(train_setup, output))
+        assert f"--output {output} is being trained into by another rlkd run, pid {first.pid}" in (
+            line
+        )
+        assert (output / "config.json").read_bytes() == saved
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    logging.getLogger("rlkd").addHandler(caplog.handler)  # the CLI stops it propagating
+    try:
+        with caplog.at_level(logging.INFO, logger="rlkd.lock"), run_lock(str(output)):
+            assert f"breaking the stale lock of pid {first.pid}" in caplog.text
+    finally:
+        logging.getLogger("rlkd").removeHandler(caplog.handler)
 
 
 def test_output_naming_an_existing_file_is_one_line(train_setup, tmp_path):

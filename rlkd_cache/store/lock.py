@@ -92,11 +92,19 @@ def describe(holder: Holder | None) -> str:
     return str(holder)
 
 
+BUSY_CACHE = (
+    "{folder} is being written by another rlkd run, {who}{waited}: rerun when it is done (the "
+    "cache is then complete), or give --lock-wait SECONDS to wait"
+)
+"""The error when a cache's lock stays held: `{folder}`, `{who}` and `{waited}` filled in."""
+
+
 @contextmanager
-def hold(lock_file: Path, wait_s: float) -> Iterator[None]:
-    """Hold the lock `lock_file` (in an existing cache directory) for the block. While another
-    process holds it, wait up to `wait_s` seconds (logging once who holds it), then raise
-    `RlkdError` naming the holder; `wait_s` 0 fails at once. Re-entrant within a process."""
+def hold(lock_file: Path, wait_s: float, busy: str = BUSY_CACHE) -> Iterator[None]:
+    """Hold the lock `lock_file` (in an existing folder: a cache's, a training run's) for the
+    block. While another process holds it, wait up to `wait_s` seconds (logging once who holds
+    it), then raise `RlkdError` with `busy` (naming the folder and the holder); `wait_s` 0
+    fails at once. Re-entrant within a process."""
     key = lock_file.resolve()
     if key in _HELD:
         yield
@@ -108,7 +116,7 @@ def hold(lock_file: Path, wait_s: float) -> Iterator[None]:
             raise disk_full(lock_file.name, lock_file.parent) from None
         raise
     try:
-        _acquire(fd, lock_file.parent, wait_s)
+        _acquire(fd, lock_file.parent, wait_s, busy)
         stale = Holder.read(fd)
         if stale is not None:
             log.info(
@@ -129,7 +137,7 @@ def hold(lock_file: Path, wait_s: float) -> Iterator[None]:
         os.close(fd)  # releases the flock
 
 
-def _acquire(fd: int, folder: Path, wait_s: float) -> None:
+def _acquire(fd: int, folder: Path, wait_s: float, busy: str) -> None:
     """Take the flock on `fd`, waiting up to `wait_s` seconds for its holder."""
     deadline = time.monotonic() + wait_s
     said = False
@@ -143,10 +151,7 @@ def _acquire(fd: int, folder: Path, wait_s: float) -> None:
         left = deadline - time.monotonic()
         if left <= 0:
             waited = f" (waited {wait_s:g} s)" if wait_s > 0 else ""
-            raise RlkdError(
-                f"{folder} is being written by another rlkd run, {who}{waited}: rerun when it "
-                "is done (the cache is then complete), or give --lock-wait SECONDS to wait"
-            )
+            raise RlkdError(busy.format(folder=folder, who=who, waited=waited))
         if not said:
             log.info(
                 "%s is being written by another rlkd run, %s: waiting up to %g s for it",

@@ -28,6 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -55,7 +56,7 @@ from rlkd_cache.train.distributed import (
     wrap,
 )
 from rlkd_cache.train.evaluate import evaluate
-from rlkd_cache.train.run_dir import lr_factor, prepare_run_dir
+from rlkd_cache.train.run_dir import lr_factor, prepare_run_dir, run_lock
 from rlkd_cache.train.step import (
     PARTS,
     NonFiniteLoss,
@@ -154,10 +155,12 @@ def plan_steps(cfg: TrainConfig, batcher: TokenBatcher, world: World) -> tuple[i
     return int(world.max([steps])[0]), cfg.epochs
 
 
-def setup(cfg: TrainConfig, world: World | None = None) -> Run:
+def setup(cfg: TrainConfig, world: World | None = None, held: ExitStack | None = None) -> Run:
     """Load and check the student and caches, prepare the run folder, build the optimizer,
     schedule and scaler, and resume from the newest checkpoint when there is one. `world`:
-    this rank of a torchrun job (`init_world`); None: one process on `cfg.device`."""
+    this rank of a torchrun job (`init_world`); None: one process on `cfg.device`. With
+    `held`, the run folder's lock (`run_lock`, one job per folder) is taken on rank 0 before
+    anything is written into the folder, and held until `held` closes."""
     validated(cfg)  # checked where built; in code, here
     world = world or World(device=pick_device(cfg.device))
     device = world.device
@@ -177,7 +180,13 @@ def setup(cfg: TrainConfig, world: World | None = None) -> Run:
         check_compatible(eval_cache, tokenizer, student, cfg.rank_k, "eval")
     if world.size > 1:
         world.agree(identities(cfg, cache, eval_cache, student))
-    resume_from = world.on_main(lambda: prepare_run_dir(cfg, world.size))
+
+    def claim() -> list[Path]:
+        if held is not None:
+            held.enter_context(run_lock(cfg.output))
+        return prepare_run_dir(cfg, world.size)
+
+    resume_from = world.on_main(claim)
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     student.config.use_cache = False
@@ -383,17 +392,18 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
     world = init_world(validated(cfg).device)
-    run = setup(cfg, world)
-    if world.is_main:
-        run.board = SummaryWriter(str(run.folder / "tensorboard"))
-        run.metrics = (run.folder / "metrics.jsonl").open("a")
-    if run.step == 0:
+    with ExitStack() as held:
+        run = setup(cfg, world, held)
+        if world.is_main:
+            run.board = SummaryWriter(str(run.folder / "tensorboard"))
+            run.metrics = (run.folder / "metrics.jsonl").open("a")
+        if run.step == 0:
+            held_out(run)
+        run_steps(run, progress)
         held_out(run)
-    run_steps(run, progress)
-    held_out(run)
-    if world.is_main:
-        run.metrics.close()
-        run.board.close()
-    final = save_final(run)
+        if world.is_main:
+            run.metrics.close()
+            run.board.close()
+        final = save_final(run)
     world.close()  # not on an error: torchrun ends the job, and NCCL's teardown could hang
     return final

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from rlkd_cache.config import TrainConfig
 from rlkd_cache.config import saved as saved_fields
 from rlkd_cache.errors import RlkdError
+from rlkd_cache.store import lock
 from rlkd_cache.store.atomic import write_json_atomic
 from rlkd_cache.train.checkpoint import checkpoints
 
@@ -36,6 +38,9 @@ NOT_RUN_DEFINING = (
     "local_cache_gib",
 )
 """Config keys that may differ when a run is continued."""
+
+LOCK = ".lock"
+"""The run folder's lock file (hidden; nothing lists it as a checkpoint or a result)."""
 
 
 def lr_factor(schedule: str, step: int, warmup: int, total: int) -> float:
@@ -72,13 +77,34 @@ def check_world_size(saved: int, world_size: int, where: str) -> None:
         )
 
 
+BUSY_RUN = (
+    "--output {folder} is being trained into by another rlkd run, {who}: wait for it to end "
+    "(then rerun to continue it), or choose another --output"
+)
+
+
+def run_lock(output: str) -> AbstractContextManager[None]:
+    """The lock of the run folder `output` (created if new), held by the job training into it
+    (rank 0 of a torchrun job) for the whole run: a second job into the same folder fails at
+    once naming the holder (`store/lock.py`; a killed job's lock is free)."""
+    run = run_folder(output)
+    run.mkdir(parents=True, exist_ok=True)
+    return lock.hold(run / LOCK, wait_s=0, busy=BUSY_RUN)
+
+
+def run_folder(output: str) -> Path:
+    """`--output` as a path, refused (one line) when a file is there."""
+    run = Path(output)
+    if run.exists() and not run.is_dir():
+        raise RlkdError(f"--output {run}: a file is there; expected a run folder (new or not)")
+    return run
+
+
 def prepare_run_dir(cfg: TrainConfig, world_size: int = 1) -> list[Path]:
     """Create the run folder; return the checkpoints to resume from, best first: the one
     `--resume` names, or with `auto` the run's own, newest first (none for a new run).
     A run or checkpoint of another number of ranks than `world_size` is refused."""
-    run = Path(cfg.output)
-    if run.exists() and not run.is_dir():
-        raise RlkdError(f"--output {run}: a file is there; expected a run folder (new or not)")
+    run = run_folder(cfg.output)
     saved_path = run / "config.json"
     resolved = {**saved_fields(cfg), "world_size": world_size}
     if cfg.resume not in ("auto", "never"):
