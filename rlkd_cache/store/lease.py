@@ -151,10 +151,11 @@ def _holder(record: dict[str, Any]) -> Holder | None:
 
 def check(prefix: str) -> None:
     """Raise `RlkdError` if a lock this process held under `prefix` was lost."""
-    for key, held in _HELD.items():
+    for key, held in list(_HELD.items()):
         if key.startswith(prefix + "/") and held.lost:
             raise RlkdError(
-                f"{key}: this run's lock expired and another process took over the cache "
+                f"{held.fs.unstrip_protocol(key)}: this run's lock expired and another process "
+                "took over the cache "
                 f"(no renewal within {held.lease_s:g} s): stopped before writing more; rerun "
                 "to resume once it is done"
             )
