@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.store import lease, lock
@@ -161,9 +161,6 @@ class LocalFiles:
     def read_bytes(self, name: str) -> bytes:
         return self.file(name).read_bytes()
 
-    def open(self, name: str) -> IO[bytes]:
-        return self.file(name).open("rb")
-
     def makedirs(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
 
@@ -257,9 +254,6 @@ class ObjectFiles:
 
     def read_bytes(self, name: str) -> bytes:
         return self._retrying(lambda: self.fs.cat_file(self._key(name)))
-
-    def open(self, name: str) -> IO[bytes]:
-        return self.fs.open(self._key(name), "rb")
 
     def makedirs(self) -> None:
         """Nothing to make: an object store has no folders (the bucket must exist)."""

@@ -216,11 +216,6 @@ class CacheDir:
         files written before they were are read unchecked)."""
         return table_of(self.read_bytes(name), columns)
 
-    def footer_metadata(self, name: str) -> dict[bytes, bytes]:
-        """The key-value metadata of a Parquet file's footer (its data is not read)."""
-        with self.files.open(name) as fh:
-            return pq.ParquetFile(fh).metadata.metadata or {}
-
     def read_record(self, index: int) -> Any:
         """The JSON value of shard `index`'s record, or None if it has none (or an unreadable
         one: its write never finished)."""
