@@ -12,7 +12,6 @@ manifest under the cache's name is refused. The copy holds the destination's loc
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ from typing import Any
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.store.files import StorageOptions, folder
 from rlkd_cache.store.layout import CacheDir
-from rlkd_cache.store.reader import Cache
+from rlkd_cache.store.reader import Cache, checked_bytes
 from rlkd_cache.store.tools import manifest_problems
 
 log = logging.getLogger("rlkd.store")
@@ -110,11 +109,7 @@ def _copy_file(
     name, size, sha = file
     kept = there.get(name) == size and dest.sha256(name) == sha
     if not kept:
-        data = source.read_bytes(name)
-        if hashlib.sha256(data).hexdigest() != sha:
-            raise RlkdError(
-                f"{source.file(name)}: sha256 differs from the manifest (corrupt): not copied"
-            )
-        dest.write_bytes(name, data)
+        what = "shard" if CacheDir.shard_index(name) is not None else "file"
+        dest.write_bytes(name, checked_bytes(source, name, sha, what))
     bar.update(size)
     return kept

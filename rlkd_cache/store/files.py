@@ -80,11 +80,9 @@ def folder(where: str | Path, storage_options: StorageOptions | None = None) -> 
     """The folder a path or URL names: `LocalFiles` for a path or `file://`, else
     `ObjectFiles` (raise `RlkdError` naming the pip extra when its filesystem is missing)."""
     text = str(where)
-    if "://" not in text:
-        return LocalFiles(Path(text).expanduser())
+    if not is_remote(text):
+        return LocalFiles(Path(text.split("://", 1)[-1]).expanduser())
     protocol = text.split("://", 1)[0].lower()
-    if protocol in ("file", "local"):
-        return LocalFiles(Path(text.split("://", 1)[1]))
     import fsspec
 
     options = {**DEFAULTS.get(protocol, {}), **(storage_options or {}).get(protocol, {})}
@@ -181,11 +179,9 @@ class LocalFiles:
     def remove(self, name: str) -> None:
         self.file(name).unlink(missing_ok=True)
 
-    def remove_temp_files(self) -> int:
-        stale = list(self.path.glob(TEMP_GLOB))
-        for path in stale:
+    def remove_temp_files(self) -> None:
+        for path in self.path.glob(TEMP_GLOB):
             path.unlink()
-        return len(stale)
 
     def lock(self, name: str, wait_s: float) -> AbstractContextManager[None]:
         return lock.hold(self.file(name), wait_s)
@@ -239,8 +235,7 @@ class ObjectFiles:
             return False
 
     def names(self, pattern: str) -> list[str]:
-        found = (e["name"].rsplit("/", 1)[-1] for e in self._listing() if e["type"] == "file")
-        return sorted(n for n in found if fnmatch.fnmatchcase(n, pattern))
+        return sorted(n for n in self.sizes() if fnmatch.fnmatchcase(n, pattern))
 
     def size(self, name: str) -> int:
         return int(self._retrying(lambda: self.fs.info(self._key(name)))["size"])
@@ -279,17 +274,15 @@ class ObjectFiles:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self._key(name))
 
-    def remove_temp_files(self) -> int:
+    def remove_temp_files(self) -> None:
         """Abort the multipart uploads under this prefix that killed writes left (S3); the
         objects themselves are never partial."""
         if not hasattr(self.fs, "list_multipart_uploads"):
-            return 0
+            return
         bucket, _, prefix = self.path.partition("/")
-        uploads = self.fs.list_multipart_uploads(bucket)
-        stale = [u for u in uploads if u["Key"].startswith(prefix + "/")]
-        for upload in stale:
-            self.fs.abort_mpu(bucket, upload["Key"], upload["UploadId"])
-        return len(stale)
+        for upload in self.fs.list_multipart_uploads(bucket):
+            if upload["Key"].startswith(prefix + "/"):
+                self.fs.abort_mpu(bucket, upload["Key"], upload["UploadId"])
 
     def lock(self, name: str, wait_s: float) -> AbstractContextManager[None]:
         return lease.hold(self.fs, self._key(name), wait_s)

@@ -83,20 +83,9 @@ class Cache:
         entry = self.info.shards[index]
         if self.local_cache is not None and (kept := self.local_cache.get(entry.sha256)):
             return kept
-        path = self.layout.file(entry.name)
-        try:
-            data = self.layout.read_bytes(entry.name)
-        except FileNotFoundError:
-            raise RlkdError(f"{path}: shard listed in the manifest is missing") from None
-        if verify:
-            actual = hashlib.sha256(data).hexdigest()
-            if actual != entry.sha256:
-                raise RlkdError(
-                    f"{path}: checksum mismatch (manifest sha256 {entry.sha256[:16]}..., "
-                    f"file {actual[:16]}...): the shard is corrupt; delete the cache and rerun"
-                )
-            if self.local_cache is not None:
-                self.local_cache.put(entry.sha256, data)
+        data = checked_bytes(self.layout, entry.name, entry.sha256 if verify else None)
+        if verify and self.local_cache is not None:
+            self.local_cache.put(entry.sha256, data)
         return data
 
     def read_shard(self, index: int, verify: bool = True, data: bytes | None = None) -> codec.Block:
@@ -143,6 +132,24 @@ class Cache:
     def rows(self, verify: bool = True) -> Iterator[CacheRow]:
         for block in self.blocks(verify):
             yield from split_rows(block)
+
+
+def checked_bytes(layout: CacheDir, name: str, sha256: str | None, what: str = "shard") -> bytes:
+    """The bytes of the file `name` (a `what`) that `layout`'s manifest lists with `sha256`
+    (None: not checked); raise `RlkdError` naming it when it is missing or its bytes have
+    another sha256."""
+    path = layout.file(name)
+    try:
+        data = layout.read_bytes(name)
+    except FileNotFoundError:
+        raise RlkdError(f"{path}: {what} listed in the manifest is missing") from None
+    actual = hashlib.sha256(data).hexdigest() if sha256 is not None else None
+    if actual != sha256:
+        raise RlkdError(
+            f"{path}: checksum mismatch (manifest sha256 {sha256[:16]}..., file {actual[:16]}...):"
+            f" the {what} is corrupt; delete the cache and rerun"
+        )
+    return data
 
 
 def decode_shard(
