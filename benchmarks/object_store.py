@@ -46,9 +46,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import moto_server  # noqa: E402  (the tests' server fixture)
-from rlkd_cache.cache import POSITIONS_PER_SHARD, run_cache  # noqa: E402
+from rlkd_cache.cache import run_cache  # noqa: E402
 from rlkd_cache.config import CacheConfig, TrainConfig, default_cache_root  # noqa: E402
 from rlkd_cache.default_teacher import default_teacher  # noqa: E402
+from rlkd_cache.plan import POSITIONS_PER_SHARD  # noqa: E402
 from rlkd_cache.store import codec  # noqa: E402
 from rlkd_cache.store.copy import copy  # noqa: E402
 from rlkd_cache.store.layout import CacheDir  # noqa: E402

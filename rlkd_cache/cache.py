@@ -1,19 +1,26 @@
 """`rlkd cache`: run a teacher over a dataset into a content-addressed, resumable cache.
 
 Resolve the teacher (default: the embedded SmolLM2), load and fingerprint the data, and name
-the cache directory by the fingerprint; an existing complete cache is returned at once.
-Otherwise, holding the directory's lock (`store/lock.py`: a second run on the same cache
-waits for the first, then finds it complete), tokenize, split rows into shards
-deterministically (the plan is saved so a resumed run splits the same way), skip shards a
-killed run completed, score the rest in token-budget batches, and write the manifest last.
+the cache directory by the fingerprint (`open_job`); an existing complete cache is returned
+at once. Otherwise, holding the directory's lock (`store/lock.py`: a second run on the same
+cache waits for the first, then finds it complete), plan the shards in one streaming pass
+(`plan.py`; the plan is saved so a resumed run splits the same way), skip shards a killed run
+completed, score the rest in token-budget batches (`ShardScorer`, one shard's rows in memory
+at a time), and write the manifest last (`finish`).
+
+The same cache, spread over processes: `--num-workers N --worker-index I` scores only worker
+I's shards of the saved plan (under that worker's own lock) and `--finalize` checks them all
+and writes the manifest (`finalize`); `--ray` scores the shards on Ray replicas
+(`ray_cache.py`) while this process plans, shows progress and writes the manifest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from rlkd_cache.config import CacheConfig, saved, validated
-from rlkd_cache.data import Prepared, dataset_identity, load_rows, prepare
+from rlkd_cache.data import Preparation, Sequence, dataset_identity, load_rows, rows_between
 from rlkd_cache.default_teacher import default_teacher
 from rlkd_cache.errors import RlkdError
+from rlkd_cache.plan import PlannedShard, ShardPlan, load_plan
 from rlkd_cache.responses import with_teacher_responses
 from rlkd_cache.store import FORMAT_VERSION, codec
 from rlkd_cache.store.files import Files, folder, is_remote
@@ -39,20 +47,17 @@ from rlkd_cache.store.manifest import (
     BackendInfo,
     Manifest,
     ResponsesInfo,
+    ShardEntry,
     TeacherInfo,
     TokenizerInfo,
 )
-from rlkd_cache.store.reader import Cache
+from rlkd_cache.store.reader import Cache, decode_bytes
 from rlkd_cache.store.writer import CacheWriter
 from rlkd_cache.teacher import TeacherBackend, TeacherOutput
-from rlkd_cache.teacher.select import make_backend, resolve_backend
+from rlkd_cache.teacher.select import backend_version, make_backend, resolve_backend
 from rlkd_cache.train.batching import plan_window
 
 log = logging.getLogger("rlkd.cache")
-
-POSITIONS_PER_SHARD = 262_144
-"""Default shard size: big enough that the per-shard codebook costs ~0.1 B/position,
-small enough that a killed run loses little work."""
 
 
 def check_writable(root: Files) -> None:
@@ -139,47 +144,104 @@ def cache_identity(
 
 
 @dataclass(frozen=True)
-class ShardPlan:
-    """Rows per shard: shard i holds the next `shard_rows[i]` rows of the prepared data."""
+class CacheJob:
+    """One cache to build, identified: what every process that writes it (a run, a job-array
+    worker, a Ray replica, `--finalize`) computes the same way from the same inputs."""
 
-    shard_rows: list[int]
+    cfg: CacheConfig
+    model: Path
+    vocab_size: int
+    backend: str
+    why: str
+    """Why this backend (`teacher/select.py`)."""
+    data_id: dict[str, str]
+    teacher_sha: str
+    identity: dict[str, Any]
+    fingerprint: str
+    cache_dir: str
+    """The cache directory: a local path or a URL (with `cfg.storage_options`)."""
 
-    @classmethod
-    def new(cls, prepared: Prepared, hint: int | None) -> ShardPlan:
-        """Contiguous runs of rows holding about equal numbers of positions: `hint` shards,
-        else about POSITIONS_PER_SHARD positions each."""
-        counts = np.array([len(s.positions) for s in prepared.sequences], dtype=np.int64)
-        total = int(counts.sum())
-        per_shard = math.ceil(total / hint) if hint else POSITIONS_PER_SHARD
-        before = np.cumsum(counts) - counts
-        shard_of_row = before // max(per_shard, 1)
-        _, sizes = np.unique(shard_of_row, return_counts=True)
-        return cls([int(s) for s in sizes])
-
-    @classmethod
-    def load(cls, layout: CacheDir, fp: str, prepared: Prepared, hint: int | None) -> ShardPlan:
-        """The plan of an interrupted run if there is one, else a new one (saved)."""
-        saved = layout.read_plan(fp)
-        if saved is not None and sum(saved) == len(prepared.sequences):
-            log.info("resuming %s with its saved shard plan (%d shards)", layout, len(saved))
-            return cls(saved)
-        plan = cls.new(prepared, hint)
-        layout.write_plan(fp, plan.shard_rows)
-        return plan
-
-    def __len__(self) -> int:
-        return len(self.shard_rows)
-
-    def rows(self, index: int) -> range:
-        """The rows of shard `index`."""
-        start = sum(self.shard_rows[:index])
-        return range(start, start + self.shard_rows[index])
+    @property
+    def layout(self) -> CacheDir:
+        return CacheDir(self.cache_dir, self.cfg.storage_options)
 
 
-def to_block(prepared: Prepared, rows: range, outputs: dict[int, TeacherOutput]) -> codec.Block:
-    """The block of `rows`, with the teacher's output for each (by row index)."""
-    seqs = [prepared.sequences[i] for i in rows]
-    outs = [outputs[i] for i in rows]
+def open_job(cfg: CacheConfig) -> tuple[CacheJob, Any, Any]:
+    """The job `cfg` describes, with the teacher's tokenizer and the dataset's rows (a
+    memory-mapped `datasets.Dataset`)."""
+    from transformers import AutoTokenizer
+
+    root = folder(cfg.cache_root, cfg.storage_options)
+    check_writable(root)
+    model = resolve_model(cfg)
+    vocab_size = teacher_vocab_size(cfg, model)
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    rows = load_rows(cfg.dataset, cfg.split)
+    backend, why = resolve_backend(cfg)
+    data_id = dataset_identity(cfg.dataset, cfg.split, rows)
+    home = local_home(cfg)
+    home.mkdir(parents=True, exist_ok=True)
+    teacher_sha = folder_sha256(model, home / ".hash-memo.json")
+    identity = cache_identity(cfg, teacher_sha, tokenizer, data_id, backend)
+    fp = fingerprint(identity)
+    name = f"{slug(model.name)}-{slug(data_id['source'])}-k{cfg.top_k}-{fp[:16]}"
+    job = CacheJob(
+        cfg,
+        model,
+        vocab_size,
+        backend,
+        why,
+        data_id,
+        teacher_sha,
+        identity,
+        fp,
+        str(CacheDir(root.child(name)).path),
+    )
+    return job, tokenizer, rows
+
+
+class ShardScorer:
+    """Scores planned shards: tokenizes a shard's rows again (`ShardPlan.sequences`) and runs
+    the teacher over them in token-budget batches (`plan_window`). The one scoring path of a
+    run, a job-array worker and a Ray replica; the teacher is loaded on first use."""
+
+    def __init__(
+        self,
+        job: CacheJob,
+        plan: ShardPlan,
+        tokenizer: Any,
+        rows: Any,
+        backend: TeacherBackend | None = None,
+    ):
+        self.job, self.plan, self.tokenizer, self.rows = job, plan, tokenizer, rows
+        self.how = Preparation.of(list(rows.column_names), tokenizer, job.cfg)
+        self._backend = backend
+
+    @property
+    def backend(self) -> TeacherBackend:
+        if self._backend is None:
+            self._backend = make_backend(self.job.backend, self.job.model, self.job.cfg)
+        return self._backend
+
+    def block(self, index: int, done: Callable[[int, int], None] | None = None) -> codec.Block:
+        """Shard `index`, scored; `done(sequences, tokens)` is told of every batch."""
+        shard = self.plan.shards[index]
+        cfg = self.job.cfg
+        rows = rows_between(self.rows, shard.start, shard.stop)
+        seqs = self.plan.sequences(index, rows, self.how, self.tokenizer, cfg)
+        lengths = np.array([len(s.input_ids) for s in seqs])
+        outputs: list[TeacherOutput | None] = [None] * len(seqs)
+        for batch in plan_window(lengths, cfg.batch_tokens):
+            scored = self.backend.score([seqs[j] for j in batch], cfg.top_k)
+            for j, out in zip(batch, scored, strict=True):
+                outputs[j] = out
+            if done:
+                done(len(batch), int(lengths[batch].sum()))
+        return to_block(seqs, outputs)  # type: ignore[arg-type]
+
+
+def to_block(seqs: list[Sequence], outs: list[TeacherOutput]) -> codec.Block:
+    """The block of `seqs`, with the teacher's output for each."""
     return codec.Block.from_sequences(
         [s.seq_id for s in seqs],
         [s.input_ids for s in seqs],
@@ -191,82 +253,181 @@ def to_block(prepared: Prepared, rows: range, outputs: dict[int, TeacherOutput])
 
 
 def run_cache(cfg: CacheConfig, progress: bool = True) -> Path | str:
-    """Build (or find) the cache for `cfg`; return its directory (a URL on an object
-    store)."""
-    from transformers import AutoTokenizer
-
+    """Build (or find) the cache for `cfg`, or this worker's part of it, or finalize it;
+    return its directory (a URL on an object store)."""
     started = time.time()
     validated(cfg)  # built by the CLI or a recipe, it was checked there; in code, here
-    root = folder(cfg.cache_root, cfg.storage_options)
-    check_writable(root)
-    model = resolve_model(cfg)
-    vocab_size = teacher_vocab_size(cfg, model)
-    tokenizer = AutoTokenizer.from_pretrained(str(model))
-    rows = load_rows(cfg.dataset, cfg.split)
-    backend_name, why = resolve_backend(cfg)
-    data_id = dataset_identity(cfg.dataset, cfg.split, rows)
-    home = local_home(cfg)
-    home.mkdir(parents=True, exist_ok=True)
-    teacher_sha = folder_sha256(model, home / ".hash-memo.json")
-    identity = cache_identity(cfg, teacher_sha, tokenizer, data_id, backend_name)
-    fp = fingerprint(identity)
-    layout = CacheDir(
-        root.child(f"{slug(model.name)}-{slug(data_id['source'])}-k{cfg.top_k}-{fp[:16]}")
-    )
+    if cfg.responses == "teacher" and (cfg.ray or cfg.worker_index is not None or cfg.finalize):
+        raise RlkdError(
+            "--responses teacher runs in one process: the teacher writes every response "
+            "before any shard is planned; run it without --ray, --worker-index and --finalize"
+        )
+    job, tokenizer, rows = open_job(cfg)
+    layout = job.layout
     if layout.is_complete():
         return _already_cached(layout)
+    if cfg.finalize:
+        return finalize(job, tokenizer)
     layout.create()
-    with layout.locked(cfg.lock_wait):  # one writer per cache; the check above only reads
+    worker = None if cfg.worker_index is None else (cfg.worker_index, cfg.num_workers)
+    with layout.locked(cfg.lock_wait, worker):  # one writer per cache (per worker's shards)
         if layout.is_complete():  # the run that held the lock completed it meanwhile
             return _already_cached(layout)
-        log.info("teacher %s, backend %s (%s)", model, backend_name, why)
-        backends: list[TeacherBackend] = []
-
-        def backend() -> TeacherBackend:
-            if not backends:
-                backends.append(make_backend(backend_name, model, cfg))
-            return backends[0]
-
+        log.info("teacher %s, backend %s (%s)", job.model, job.backend, job.why)
+        backend = None
         if cfg.responses == "teacher":
-            rows = with_teacher_responses(rows, tokenizer, cfg, layout, backend(), progress)
+            backend = make_backend(job.backend, job.model, cfg)
+            rows = with_teacher_responses(rows, tokenizer, cfg, layout, backend, progress)
             if cfg.prompt_field and not cfg.response_field and not cfg.messages_field:
                 cfg = replace(cfg, response_field="response")
-        prepared = prepare(rows, tokenizer, cfg)
-        plan = ShardPlan.load(layout, fp, prepared, cfg.num_shards_hint)
-        with CacheWriter(layout, cfg.logprob_step) as writer:
+                job = replace(job, cfg=cfg)
+        plan = planned(job, tokenizer, rows, progress)
+        owned = None if worker is None else plan.owned(*worker)
+        with CacheWriter(layout, cfg.logprob_step, owned=owned) as writer:
             done = writer.resume(plan.shard_rows)
-            todo = [i for i in range(len(plan)) if i not in done]
+            todo = [i for i in (owned or range(len(plan))) if i not in done]
             if done:
                 log.info("resuming: %d of %d shards already complete", len(done), len(plan))
-            _score(prepared, plan, todo, backend() if todo else None, cfg, writer, progress)
-            manifest = writer.finish(
-                Manifest(
-                    fingerprint=fp,
-                    identity=identity,
-                    config={k: v for k, v in saved(cfg).items() if k != "cache_root"},
-                    teacher=TeacherInfo(name=model.name, path=str(model), sha256=teacher_sha),
-                    tokenizer=TokenizerInfo(
-                        sha256=identity["tokenizer_sha256"],
-                        vocab_sha256=vocab_sha256(tokenizer),
-                        vocab_size=len(tokenizer),
-                        eos_token_id=tokenizer.eos_token_id,
-                    ),
-                    dataset={**data_id, "shape": prepared.shape, "template": prepared.template},
-                    backend=BackendInfo(
-                        name=backend_name,
-                        why=why,
-                        version=backends[0].version() if backends else "(resumed: no shards left)",
-                    ),
-                    vocab_size=vocab_size,
-                    k=cfg.top_k,
-                    logprob_step=cfg.logprob_step,
-                    responses=ResponsesInfo.found_in(layout),
-                    skipped=dict(prepared.skipped),
-                    truncated=prepared.truncated,
-                )
+            if cfg.ray:
+                from rlkd_cache.ray_cache import score_on_ray
+
+                for index, entry in score_on_ray(job, plan, todo, progress):
+                    writer.take(index, entry)
+            elif todo:
+                _score(ShardScorer(job, plan, tokenizer, rows, backend), todo, writer, progress)
+        if worker is not None:
+            log.info(
+                "worker %d of %d: its %d shards are complete (%d scored now); once every worker "
+                "is done, run the same command with --finalize instead of --worker-index",
+                worker[0],
+                worker[1],
+                len(owned or ()),
+                len(todo),
             )
-    _log_cached(manifest, prepared, time.time() - started)
+            return layout.path
+        if cfg.ray:
+            layout.remove_temp_files()  # of replicas killed mid-write: none is running now
+        manifest = finish(job, plan, tokenizer, writer)
+    _log_cached(manifest, plan, time.time() - started)
     return layout.path
+
+
+def planned(job: CacheJob, tokenizer: Any, rows: Any, progress: bool) -> ShardPlan:
+    """The cache's saved shard plan, else a new one (`ShardPlan.new`: one streaming pass over
+    the rows, with a progress bar), saved."""
+    from tqdm import tqdm
+
+    def make() -> ShardPlan:
+        how = Preparation.of(list(rows.column_names), tokenizer, job.cfg)
+        with tqdm(
+            total=len(rows),
+            unit="row",
+            desc="rlkd plan",
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as bar:
+            return ShardPlan.new(rows, how, tokenizer, job.cfg, bar.update)
+
+    return load_plan(job.layout, job.fingerprint, make)
+
+
+def finish(job: CacheJob, plan: ShardPlan, tokenizer: Any, writer: CacheWriter) -> Manifest:
+    """Write the manifest of `job`'s cache, last: the shards `writer` wrote or took over."""
+    cfg = job.cfg
+    return writer.finish(
+        Manifest(
+            fingerprint=job.fingerprint,
+            identity=job.identity,
+            config={k: v for k, v in saved(cfg).items() if k != "cache_root"},
+            teacher=TeacherInfo(name=job.model.name, path=str(job.model), sha256=job.teacher_sha),
+            tokenizer=TokenizerInfo(
+                sha256=job.identity["tokenizer_sha256"],
+                vocab_sha256=vocab_sha256(tokenizer),
+                vocab_size=len(tokenizer),
+                eos_token_id=tokenizer.eos_token_id,
+            ),
+            dataset={**job.data_id, "shape": plan.shape, "template": plan.template},
+            backend=BackendInfo(
+                name=job.backend, why=job.why, version=backend_version(job.backend)
+            ),
+            vocab_size=job.vocab_size,
+            k=cfg.top_k,
+            logprob_step=cfg.logprob_step,
+            responses=ResponsesInfo.found_in(job.layout),
+            skipped=dict(plan.skipped),
+            truncated=plan.truncated,
+        )
+    )
+
+
+def finalize(job: CacheJob, tokenizer: Any) -> Path | str:
+    """`--finalize`: under the cache's lock, check every shard of the saved plan (present,
+    its sha256 the one its record holds, decodes, its rows the planned ones) and write the
+    manifest; or fail naming each missing or bad shard and the worker that owns it."""
+    cfg, layout = job.cfg, job.layout
+    if layout.read_plan() is None:
+        raise RlkdError(
+            f"{layout}: no shard plan, so no worker has started this cache: run the workers "
+            "(--num-workers N --worker-index I) first, then --finalize"
+        )
+    with layout.locked(cfg.lock_wait):
+        if layout.is_complete():
+            return _already_cached(layout)
+        where = layout.file(CacheDir.PLAN)
+        plan = ShardPlan.from_json(layout.read_plan(), job.fingerprint, where)
+        if plan is None:
+            raise RlkdError(f"{where}: not a shard plan of this cache; rerun the workers")
+        problems = []
+        with CacheWriter(layout, cfg.logprob_step) as writer:
+            for index, shard in enumerate(plan.shards):
+                problem = _shard_problem(layout, index, shard, cfg)
+                if problem is None:
+                    writer.take(index, ShardEntry.from_json(layout.read_record(index)))
+                    continue
+                owner = (
+                    f"worker {index % cfg.num_workers} of {cfg.num_workers}"
+                    if cfg.num_workers > 1
+                    else f"the worker whose --worker-index is {index} mod --num-workers"
+                )
+                problems.append(f"{layout.shard_name(index)}: {problem} (owned by {owner})")
+            if problems:
+                shown = problems[:20] + (
+                    [f"... and {len(problems) - 20} more"] * (len(problems) > 20)
+                )
+                raise RlkdError(
+                    f"{layout}: {len(problems)} of {len(plan)} planned shards are missing or bad; "
+                    "rerun their workers, then --finalize:\n  " + "\n  ".join(shown)
+                )
+            manifest = finish(job, plan, tokenizer, writer)
+    log.info("finalized %s: %d shards", layout, manifest.totals.shards)
+    return layout.path
+
+
+def _shard_problem(
+    layout: CacheDir, index: int, shard: PlannedShard, cfg: CacheConfig
+) -> str | None:
+    """What is wrong with planned shard `index` in `layout`, or None."""
+    name = layout.shard_name(index)
+    if not layout.has(name):
+        return "missing"
+    try:
+        entry = ShardEntry.from_json(layout.read_record(index))
+    except (KeyError, TypeError):
+        return "no complete record of its sha256 (its write did not finish)"
+    data = layout.read_bytes(name)
+    if hashlib.sha256(data).hexdigest() != entry.sha256:
+        return "its sha256 differs from the one recorded when it was written (damaged)"
+    try:
+        block = decode_bytes(data, "it", cfg.top_k, cfg.logprob_step)
+    except RlkdError as e:
+        return str(e)
+    found = (len(block), int(block.pos_off[-1]), int(block.tok_off[-1]))
+    if found != (shard.rows, shard.positions, shard.tokens) or entry.rows != shard.rows:
+        return (
+            f"holds {found[0]} rows with {found[1]} positions; the plan has {shard.rows} rows "
+            f"with {shard.positions}"
+        )
+    return None
 
 
 def _already_cached(layout: CacheDir) -> Path | str:
@@ -277,7 +438,7 @@ def _already_cached(layout: CacheDir) -> Path | str:
     return layout.path
 
 
-def _log_cached(manifest: Manifest, prepared: Prepared, seconds: float) -> None:
+def _log_cached(manifest: Manifest, plan: ShardPlan, seconds: float) -> None:
     t = manifest.totals
     log.info(
         "cached %d rows, %d positions (%d tokens) in %d shards: %.2f MiB, %.1f B/position, "
@@ -289,50 +450,44 @@ def _log_cached(manifest: Manifest, prepared: Prepared, seconds: float) -> None:
         t.bytes / 2**20,
         t.bytes_per_position,
         seconds,
-        dict(prepared.skipped) or "none",
-        prepared.truncated,
+        dict(plan.skipped) or "none",
+        plan.truncated,
     )
 
 
-def _score(
-    prepared: Prepared,
-    plan: ShardPlan,
-    todo: list[int],
-    backend: TeacherBackend | None,
-    cfg: CacheConfig,
-    writer: CacheWriter,
-    progress: bool,
-) -> None:
-    """Run the teacher over the shards in `todo` in token-budget batches (`plan_window`),
-    handing each finished shard to the writer."""
+def _score(scorer: ShardScorer, todo: list[int], writer: CacheWriter, progress: bool) -> None:
+    """Score the shards in `todo`, handing each to the writer (which encodes and writes it
+    in the background while the teacher scores the next)."""
     from tqdm import tqdm
 
-    left = sum(plan.shard_rows[i] for i in todo)
-    total = len(prepared.sequences)
+    shards = scorer.plan.shards
+    total = sum(s.rows for s in shards)
     bar = tqdm(
         total=total,
-        initial=total - left,
+        initial=total - sum(shards[i].rows for i in todo),
         unit="seq",
         desc="rlkd cache",
         disable=not progress,
         dynamic_ncols=True,
     )
     tokens, t0 = 0, time.time()
+
+    def done(sequences: int, batch_tokens: int) -> None:
+        nonlocal tokens
+        tokens += batch_tokens
+        bar.update(sequences)
+        bar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9):,.0f} tok/s")
+
     try:
         for index in todo:
-            assert backend is not None
-            rows = plan.rows(index)
-            lengths = np.array([len(prepared.sequences[i].input_ids) for i in rows])
-            outputs: dict[int, TeacherOutput] = {}
-            for batch in plan_window(lengths, cfg.batch_tokens):
-                seqs = [prepared.sequences[rows[j]] for j in batch]
-                for j, out in zip(batch, backend.score(seqs, cfg.top_k), strict=True):
-                    outputs[rows[j]] = out
-                tokens += int(lengths[batch].sum())
-                bar.update(len(batch))
-                bar.set_postfix_str(
-                    f"{tokens / max(time.time() - t0, 1e-9):,.0f} tok/s, shard {index}"
-                )
-            writer.submit(index, to_block(prepared, rows, outputs))
+            writer.submit(index, scorer.block(index, done))
     finally:
         bar.close()
+    seconds = time.time() - t0
+    log.info(
+        "scored %d shards, %d tokens in %.1f s, %.0f tokens/s (the teacher's start included)",
+        len(todo),
+        tokens,
+        seconds,
+        tokens / max(seconds, 1e-9),
+    )

@@ -116,9 +116,20 @@ class ReadConfig(StorageConfig):
         )
 
 
-NOT_SAVED = ("storage_options",)
-"""Config fields never written to a manifest, a run's config.json or a log: they may hold
-credentials."""
+NOT_SAVED = (
+    "storage_options",
+    "num_workers",
+    "worker_index",
+    "finalize",
+    "ray",
+    "ray_address",
+    "replicas",
+    "gpus_per_replica",
+    "cpus_per_replica",
+)
+"""Config fields never written to a manifest, a run's config.json or a log: storage options
+may hold credentials; the rest say how `rlkd cache` spread its work over processes, which
+makes the same cache whichever way it is spread."""
 
 
 def saved(cfg: Any) -> dict[str, Any]:
@@ -191,7 +202,31 @@ class CacheConfig(StorageConfig):
     this one finds it done (see `store/lock.py`)."""
     num_shards_hint: int | None = None
     """Roughly how many shards to write. None: 262,144 positions per shard
-    (`cache.POSITIONS_PER_SHARD`)."""
+    (`plan.POSITIONS_PER_SHARD`)."""
+    num_workers: int = 1
+    """Job arrays: how many independent `rlkd cache` processes share this cache (with
+    `worker_index`); with `finalize`, names the worker that owns each missing shard."""
+    worker_index: int | None = None
+    """Job arrays: this process's index in [0, num_workers), for example
+    $SLURM_ARRAY_TASK_ID. It scores shards worker_index, worker_index + num_workers, ... of
+    the saved shard plan and writes no manifest; `finalize` does, once all are done."""
+    finalize: bool = False
+    """Job arrays: check that every planned shard is there and valid (sha256, decodes, rows
+    as planned) and write the manifest; names each missing or bad shard and its worker."""
+    ray: bool = False
+    """Score the shards on Ray: one teacher per replica, each writing whole shards straight
+    into the cache; the driver plans, shows progress and writes the manifest."""
+    ray_address: str | None = None
+    """Ray: the cluster to join: "auto" ($RAY_ADDRESS, else the one running on this machine),
+    "host:6379" or "ray://host:10001". None: a local Ray started for this run (or the one this
+    process already initialised)."""
+    replicas: int = 1
+    """Ray: teacher replicas (each loads the teacher once and scores whole shards)."""
+    gpus_per_replica: float | None = None
+    """Ray: GPUs per replica. None: `vllm_tensor_parallel_size` when the cluster has GPUs,
+    else 0."""
+    cpus_per_replica: float = 1.0
+    """Ray: CPUs per replica; a teacher on CPU runs that many threads (at least 1)."""
     vllm_tensor_parallel_size: int = 1
     """vLLM only: GPUs the teacher is split over (vLLM's `tensor_parallel_size`)."""
     vllm_max_model_len: int | None = None
@@ -232,6 +267,29 @@ class CacheConfig(StorageConfig):
                 ("batch_tokens", self.batch_tokens >= 1, ">= 1"),
                 ("lock_wait", self.lock_wait >= 0, ">= 0 seconds"),
                 ("num_shards_hint", _none_or_positive(self.num_shards_hint), "None or >= 1"),
+                ("num_workers", self.num_workers >= 1, ">= 1"),
+                (
+                    "worker_index",
+                    self.worker_index is None or 0 <= self.worker_index < self.num_workers,
+                    f"in [0, --num-workers {self.num_workers})",
+                ),
+                (
+                    "finalize",
+                    not (self.finalize and self.worker_index is not None),
+                    ("given without --worker-index (one process finalizes, after every worker)"),
+                ),
+                (
+                    "ray",
+                    not (self.ray and (self.worker_index is not None or self.finalize)),
+                    ("given without --worker-index and --finalize (Ray runs every shard itself)"),
+                ),
+                ("replicas", self.replicas >= 1, ">= 1"),
+                (
+                    "gpus_per_replica",
+                    self.gpus_per_replica is None or self.gpus_per_replica >= 0,
+                    "None or >= 0",
+                ),
+                ("cpus_per_replica", self.cpus_per_replica > 0, "> 0"),
                 ("vllm_tensor_parallel_size", self.vllm_tensor_parallel_size >= 1, ">= 1"),
                 ("vllm_max_model_len", _none_or_positive(self.vllm_max_model_len), "None or >= 1"),
                 ("vllm_gpu_memory_utilization", memory is None or 0 < memory <= 1, "in (0, 1]"),

@@ -104,6 +104,12 @@ def load_rows(dataset: str | None, split: str) -> Any:
         ) from None
 
 
+def rows_between(ds: Any, start: int, stop: int) -> Any:
+    """The rows `[start, stop)` of a loaded split, read lazily (a view of the memory-mapped
+    table)."""
+    return ds.select(range(start, stop))
+
+
 def check_utf8(path: Path) -> None:
     """Refuse a text dataset file that is not UTF-8, naming the line (pyarrow would load it
     and fail only when a row is read)."""
@@ -296,47 +302,83 @@ def tokenize_row(
     return ids, response
 
 
+@dataclass(frozen=True)
+class Preparation:
+    """How the rows of one dataset become sequences: their shape, the fields read, and the
+    template, decided once from the columns, the tokenizer and the config."""
+
+    shape: RowShape
+    fields: list[str]
+    template: Literal["chat", "none"]
+
+    @classmethod
+    def of(cls, columns: list[str], tokenizer: Any, cfg: CacheConfig) -> Preparation:
+        shape, fields = detect_shape(cfg, columns)
+        has_chat = getattr(tokenizer, "chat_template", None) is not None
+        template = cfg.template if cfg.template != "auto" else ("chat" if has_chat else "none")
+        if shape == "messages" and template == "none":
+            raise RlkdError(
+                "messages rows need a chat template; the tokenizer has none (or --template none)"
+            )
+        if template == "chat" and not has_chat and shape != "text":
+            raise RlkdError("--template chat: the teacher's tokenizer has no chat template")
+        if shape == "text":
+            template = "none"
+        if cfg.id_field and cfg.id_field not in columns:
+            raise RlkdError(
+                f"field {cfg.id_field!r} is missing in every row; the columns are {columns}"
+            )
+        return cls(shape, fields, template)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Prepped:
+    """What became of one row: its sequence, or why it was skipped; and whether it was
+    truncated to `max_length`."""
+
+    sequence: Sequence | None
+    skipped: str | None = None
+    truncated: bool = False
+
+
+def prepare_row(
+    row: dict[str, Any], index: int, how: Preparation, tokenizer: Any, cfg: CacheConfig
+) -> Prepped:
+    """Row `index` of the split as a sequence (or the reason it is skipped; under `strict`,
+    `RlkdError` naming the row instead)."""
+    try:
+        pieces = segments(row, how.shape, how.fields, how.template, tokenizer)
+        ids, response = tokenize_row(pieces, how.template, tokenizer)
+    except BadRow as bad:
+        if cfg.strict:
+            raise RlkdError(f"row {index}: {bad} (reason {bad.reason})") from None
+        return Prepped(None, bad.reason)
+    truncated = len(ids) > cfg.max_length
+    if truncated:
+        ids, response = ids[: cfg.max_length], response[: cfg.max_length]
+    nxt = np.asarray(response[1:], dtype=bool)
+    keep = nxt if cfg.positions == "response" else np.ones_like(nxt)
+    positions = np.flatnonzero(keep).astype(np.int32)
+    if positions.size == 0:
+        if cfg.strict:
+            raise RlkdError(f"row {index}: no positions left to distil (after truncation)")
+        return Prepped(None, "no_distilled_positions", truncated)
+    seq_id = str(row[cfg.id_field]) if cfg.id_field else str(index)
+    return Prepped(Sequence(seq_id, np.asarray(ids, dtype=np.int32), positions), None, truncated)
+
+
 def prepare(ds: Any, tokenizer: Any, cfg: CacheConfig) -> Prepared:
-    """Tokenize every row; skip (or, under `strict`, fail on) bad rows, naming index and field."""
-    columns = list(ds.column_names)
-    shape, fields = detect_shape(cfg, columns)
-    has_chat = getattr(tokenizer, "chat_template", None) is not None
-    template = cfg.template if cfg.template != "auto" else ("chat" if has_chat else "none")
-    if shape == "messages" and template == "none":
-        raise RlkdError(
-            "messages rows need a chat template; the tokenizer has none (or --template none)"
-        )
-    if template == "chat" and not has_chat and shape != "text":
-        raise RlkdError("--template chat: the teacher's tokenizer has no chat template")
-    if shape == "text":
-        template = "none"
-    if cfg.id_field and cfg.id_field not in columns:
-        raise RlkdError(
-            f"field {cfg.id_field!r} is missing in every row; the columns are {columns}"
-        )
-    out = Prepared(sequences=[], shape=shape, template=template)
+    """Tokenize every row of a (small) dataset in memory; skip (or, under `strict`, fail on)
+    bad rows, naming index and field. `rlkd cache` streams instead (`plan.py`)."""
+    how = Preparation.of(list(ds.column_names), tokenizer, cfg)
+    out = Prepared(sequences=[], shape=how.shape, template=how.template)
     for index, row in enumerate(ds):
-        try:
-            pieces = segments(row, shape, fields, template, tokenizer)
-            ids, response = tokenize_row(pieces, template, tokenizer)
-        except BadRow as bad:
-            if cfg.strict:
-                raise RlkdError(f"row {index}: {bad} (reason {bad.reason})") from None
-            out.skipped[bad.reason] += 1
-            continue
-        if len(ids) > cfg.max_length:
-            ids, response = ids[: cfg.max_length], response[: cfg.max_length]
-            out.truncated += 1
-        nxt = np.asarray(response[1:], dtype=bool)
-        keep = nxt if cfg.positions == "response" else np.ones_like(nxt)
-        positions = np.flatnonzero(keep).astype(np.int32)
-        if positions.size == 0:
-            if cfg.strict:
-                raise RlkdError(f"row {index}: no positions left to distil (after truncation)")
-            out.skipped["no_distilled_positions"] += 1
-            continue
-        seq_id = str(row[cfg.id_field]) if cfg.id_field else str(index)
-        out.sequences.append(Sequence(seq_id, np.asarray(ids, dtype=np.int32), positions))
+        done = prepare_row(row, index, how, tokenizer, cfg)
+        out.truncated += done.truncated
+        if done.sequence is None:
+            out.skipped[done.skipped or ""] += 1
+        else:
+            out.sequences.append(done.sequence)
     if not out.sequences:
         raise RlkdError(f"no usable rows in the dataset; skipped by reason: {dict(out.skipped)}")
     return out

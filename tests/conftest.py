@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -135,6 +137,46 @@ def fails(*args: str) -> str:
     lines = [line for line in result.stderr.splitlines() if line.startswith("rlkd: error: ")]
     assert len(lines) == 1, result.stderr
     return lines[0]
+
+
+def invoke(*args: str) -> list[str]:
+    """`rlkd ARGS` in this process; assert it succeeded; its stdout lines."""
+    from click.testing import CliRunner
+
+    from rlkd_cli.main import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
+    return result.stdout.splitlines()
+
+
+def start(args: list[str], log: Path, fault: str | None = None) -> subprocess.Popen:
+    """`rlkd ARGS` in a fresh process (stderr to `log`); `fault` sets RLKD_FAULT_AT."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if fault:
+        env["RLKD_FAULT_AT"] = fault
+    with log.open("w") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "rlkd_cli.main", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+
+
+def exported(cache: str | Path, tmp_path: Path) -> dict:
+    """`rlkd export` of a cache (a folder or URL), as columns: what two caches must share to
+    hold the same rows and teacher values."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from rlkd_cache.store.tools import export
+
+    out = tmp_path / f"export-{hashlib.sha256(str(cache).encode()).hexdigest()[:8]}.parquet"
+    export(cache, out)
+    return pq.read_table(out).to_pydict()
 
 
 def free_port() -> int:

@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 from conftest import REPO
-from rlkd_cache.cache import POSITIONS_PER_SHARD
 from rlkd_cache.config import CacheConfig, EvalConfig, TrainConfig, build_config, load_config
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.losses import LossConfig
+from rlkd_cache.plan import POSITIONS_PER_SHARD
 from rlkd_cli.main import app
 from rlkd_cli.options import field_docs
 

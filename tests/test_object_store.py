@@ -27,7 +27,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import SAMPLE, S3Server, fails, shallow_copy
+from conftest import SAMPLE, S3Server, exported, fails, invoke, shallow_copy, start
 from rlkd_cache.config import TrainConfig
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.store import files, lease
@@ -35,7 +35,6 @@ from rlkd_cache.store.layout import CacheDir
 from rlkd_cache.store.manifest import digest
 from rlkd_cache.store.reader import Cache
 from rlkd_cache.store.shard_cache import ShardCache
-from rlkd_cache.store.tools import export
 from rlkd_cli.main import app
 
 
@@ -57,34 +56,6 @@ def cache_args(teacher: Path, root: str) -> list[str]:
         "--cache-root",
         root,
     ]
-
-
-def invoke(*args: str) -> list[str]:
-    """`rlkd ARGS` in this process; assert it succeeded; its stdout lines."""
-    result = CliRunner().invoke(app, list(args))
-    assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
-    return result.stdout.splitlines()
-
-
-def start(args: list[str], log: Path, fault: str | None = None) -> subprocess.Popen:
-    """`rlkd ARGS` in a fresh process (stderr to `log`); `fault` sets RLKD_FAULT_AT."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if fault:
-        env["RLKD_FAULT_AT"] = fault
-    with log.open("w") as err:
-        return subprocess.Popen(
-            [sys.executable, "-m", "rlkd_cli.main", *args],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-        )
-
-
-def exported(cache: str | Path, tmp_path: Path) -> dict:
-    out = tmp_path / f"export-{hashlib.sha256(str(cache).encode()).hexdigest()[:8]}.parquet"
-    export(cache, out)
-    return pq.read_table(out).to_pydict()
 
 
 def key(url: str) -> str:
@@ -378,7 +349,7 @@ def test_a_writer_whose_lease_was_taken_stops_before_its_next_write(s3_server):
         s3_server.fs.pipe_file(f"{key(bucket)}/cache/.lock", b'{"host": "thief", "pid": 2}')
         time.sleep(0.6)  # the next renewal finds another version
         with pytest.raises(RlkdError, match="another process took over the cache"):
-            layout.write_plan("fp", [1])
+            layout.write_plan({"fingerprint": "fp"})
     assert not layout.has(CacheDir.PLAN)
 
 

@@ -177,14 +177,27 @@ def test_shard_names_and_complete_shards(tmp_path: Path):
     assert not list(tmp_path.glob(TEMP_GLOB))
 
 
-def test_plan_is_kept_per_fingerprint_and_a_corrupt_one_is_named(tmp_path: Path):
+def test_plan_is_saved_once_and_a_corrupt_one_is_named(tmp_path: Path):
     layout = CacheDir(tmp_path)
-    assert layout.read_plan("abc") is None
-    layout.write_plan("abc", [3, 2])
-    assert layout.read_plan("abc") == [3, 2] and layout.read_plan("other") is None
+    assert layout.read_plan() is None
+    layout.write_plan({"fingerprint": "abc"}, create=True)
+    assert layout.read_plan() == {"fingerprint": "abc"}
+    with pytest.raises(FileExistsError):
+        layout.write_plan({"fingerprint": "other"}, create=True)
+    assert layout.read_plan() == {"fingerprint": "abc"}
     layout.file(CacheDir.PLAN).write_text("[1, 2")
     with pytest.raises(RlkdError, match=r"plan\.json"):
-        layout.read_plan("abc")
+        layout.read_plan()
+
+
+def test_a_worker_removes_only_its_own_shards_temp_files(tmp_path: Path):
+    layout = CacheDir(tmp_path)
+    names = [".shard-00001.parquet.7.tmp", ".shard-00001.parquet.json.7.tmp"]
+    peers = [".shard-00002.parquet.8.tmp", ".shard-00010.parquet.9.tmp"]
+    for name in names + peers:
+        (tmp_path / name).write_bytes(b"")
+    layout.remove_temp_files([1])
+    assert sorted(p.name for p in tmp_path.glob(TEMP_GLOB)) == sorted(peers)
 
 
 def facts(k: int = 6) -> Manifest:

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,7 +39,9 @@ def fault_point(when: str, name: str) -> None:
     if point == FAULT_AT:
         os.kill(os.getpid(), signal.SIGKILL)
     elif f"pause:{point}" == FAULT_AT:
-        os.kill(os.getpid(), signal.SIGSTOP)
+        # to this thread: a stop sent to the process may take effect only after this thread
+        # went on (a Ray replica has many threads), and the point would not be exact
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
 
 
 def temp_path(final: Path, owner: str | None = None) -> Path:

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import glob
 import logging
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -179,9 +180,13 @@ class LocalFiles:
     def remove(self, name: str) -> None:
         self.file(name).unlink(missing_ok=True)
 
-    def remove_temp_files(self) -> None:
-        for path in self.path.glob(TEMP_GLOB):
-            path.unlink()
+    def remove_temp_files(self, names: Iterable[str] | None = None) -> None:
+        if names is None:
+            paths = list(self.path.glob(TEMP_GLOB))
+        else:
+            paths = [p for n in names for p in self.path.glob(f".{glob.escape(n)}.*.tmp")]
+        for path in paths:
+            path.unlink(missing_ok=True)
 
     def lock(self, name: str, wait_s: float) -> AbstractContextManager[None]:
         return lock.hold(self.file(name), wait_s)
@@ -274,14 +279,16 @@ class ObjectFiles:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self._key(name))
 
-    def remove_temp_files(self) -> None:
-        """Abort the multipart uploads under this prefix that killed writes left (S3); the
-        objects themselves are never partial."""
+    def remove_temp_files(self, names: Iterable[str] | None = None) -> None:
+        """Abort the multipart uploads under this prefix (or, with `names`, of those objects)
+        that killed writes left (S3); the objects themselves are never partial."""
         if not hasattr(self.fs, "list_multipart_uploads"):
             return
         bucket, _, prefix = self.path.partition("/")
+        keys = None if names is None else {f"{prefix}/{n}" for n in names}
         for upload in self.fs.list_multipart_uploads(bucket):
-            if upload["Key"].startswith(prefix + "/"):
+            key = upload["Key"]
+            if key in keys if keys is not None else key.startswith(prefix + "/"):
                 self.fs.abort_mpu(bucket, upload["Key"], upload["UploadId"])
 
     def lock(self, name: str, wait_s: float) -> AbstractContextManager[None]:

