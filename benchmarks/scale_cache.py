@@ -43,21 +43,25 @@ from conftest import SAMPLE, build_llama, build_tokenizer  # noqa: E402  (the te
 from rlkd_cache.default_teacher import default_teacher  # noqa: E402
 
 RLKD = [sys.executable, "-m", "rlkd_cli.main"]
-SCORED = re.compile(r"(?:scored|Ray:) \d+ shards, (\d+) tokens in ([\d.]+) s")
+SCORED = re.compile(
+    r"(?:scored|Ray): \d+ shards, (\d+) tokens in ([\d.]+) s, \d+ tokens/s \((\d+) tokens/s after"
+)
 
 
-def run(args: list[str], env: dict[str, str]) -> tuple[float, int, str]:
-    """Run a command; its wall seconds, peak RSS (bytes) and stderr. Fails loudly."""
+def run(args: list[str], env: dict[str, str]) -> tuple[float, int, str, str]:
+    """Run a command; its wall seconds, peak RSS (bytes), stderr and last stdout line (for
+    `rlkd cache`, the cache directory). Fails loudly."""
     started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+    with tempfile.TemporaryFile("w+") as err, tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=err, text=True)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - started
         err.seek(0)
-        text = err.read()
+        out.seek(0)
+        text, last = err.read(), (out.read().splitlines() or [""])[-1]
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(args)}\n{text[-3000:]}")
-    return wall, usage.ru_maxrss * 1024, text
+    return wall, usage.ru_maxrss * 1024, text, last
 
 
 def throughput(args: argparse.Namespace, work: Path, env: dict[str, str]) -> dict[str, Any]:
@@ -80,25 +84,33 @@ def throughput(args: argparse.Namespace, work: Path, env: dict[str, str]) -> dic
         "ray_1": ["--ray", "--replicas", "1"],
         "ray_2": ["--ray", "--replicas", "2"],
     }
+    caches: dict[str, str] = {}
     walls: dict[str, list[float]] = {a: [] for a in arms}
     scoring: dict[str, list[float]] = {a: [] for a in arms}
+    steady: dict[str, list[float]] = {a: [] for a in arms}
     tokens = 0
     for round_ in range(args.rounds):
         order = list(arms)[round_ % len(arms) :] + list(arms)[: round_ % len(arms)]
         for arm in order:
             root = work / f"{arm}-{round_}"
-            wall, _, log = run([*base, *arms[arm], "--cache-root", str(root)], env)
+            wall, _, log, caches[arm] = run([*base, *arms[arm], "--cache-root", str(root)], env)
             found = SCORED.search(log)
             if found is None:
                 raise SystemExit(f"{arm}: no scoring line in its log:\n{log[-2000:]}")
             tokens = int(found.group(1))
             walls[arm].append(wall)
             scoring[arm].append(float(found.group(2)))
+            steady[arm].append(float(found.group(3)))
             print(
-                f"round {round_} {arm}: {wall:.1f} s wall, scoring {found.group(2)} s", flush=True
+                f"round {round_} {arm}: {wall:.1f} s wall, scoring {found.group(2)} s, "
+                f"{found.group(3)} tokens/s after the first shard",
+                flush=True,
             )
+    two_threads = ["--cache-root", str(work / "single-2-threads")]
+    *_, caches["single_2_threads"] = run([*base, *two_threads], {**env, "OMP_NUM_THREADS": "2"})
     wall = {a: statistics.median(v) for a, v in walls.items()}
     score = {a: statistics.median(v) for a, v in scoring.items()}
+    after = {a: statistics.median(v) for a, v in steady.items()}
     return {
         "tokens": tokens,
         "wall_s": wall,
@@ -109,6 +121,42 @@ def throughput(args: argparse.Namespace, work: Path, env: dict[str, str]) -> dic
         "ray1_over_single_scoring": score["single"] / score["ray_1"],
         "ray2_over_ray1_wall": wall["ray_1"] / wall["ray_2"],
         "ray2_over_ray1_scoring": score["ray_1"] / score["ray_2"],
+        "tokens_per_s_after_first_shard": after,
+        "ray1_over_single_after_first_shard": after["ray_1"] / after["single"],
+        "ray2_over_ray1_after_first_shard": after["ray_2"] / after["ray_1"],
+        "same_as_single": {a: same(caches["single"], m, work) for a, m in caches.items()},
+    }
+
+
+def same(a: str, b: str, work: Path) -> dict[str, Any]:
+    """How two caches differ: directory name, shard sha256s, and in their exports, top-k ids
+    and stored log-probs (in quantization steps)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from rlkd_cache.store.reader import Cache
+    from rlkd_cache.store.tools import export
+
+    cols = {}
+    for label, path in (("a", a), ("b", b)):
+        out = work / f"export-{label}-{abs(hash(path))}.parquet"
+        export(path, out)
+        table = pq.read_table(out)
+        cols[label] = {
+            c: np.concatenate([np.asarray(x).ravel() for x in table[c].to_pylist()])
+            for c in ("topk_ids", "topk_logprobs", "target_logprobs")
+        }
+    step = Cache(a).info.logprob_step
+    shas = [[s.sha256 for s in Cache(path).info.shards] for path in (a, b)]
+    return {
+        "same_name": Path(a).name == Path(b).name,
+        "same_shard_sha256": shas[0] == shas[1],
+        "topk_ids_differing": int((cols["a"]["topk_ids"] != cols["b"]["topk_ids"]).sum()),
+        "values": int(cols["a"]["topk_ids"].size),
+        "max_logprob_diff_steps": max(
+            float(np.abs(cols["a"][c] - cols["b"][c]).max()) / step
+            for c in ("topk_logprobs", "target_logprobs")
+        ),
     }
 
 
@@ -153,8 +201,8 @@ def peak_memory(args: argparse.Namespace, work: Path, env: dict[str, str]) -> di
             "--cache-root",
             str(work / f"rss-{label}"),
         ]
-        _, rss, _ = run(cache, run_env)
-        _, old, _ = run([sys.executable, "-c", IN_MEMORY, str(teacher), str(data)], run_env)
+        _, rss, *_ = run(cache, run_env)
+        _, old, *_ = run([sys.executable, "-c", IN_MEMORY, str(teacher), str(data)], run_env)
         out[label] = {
             "rows": rows,
             "rlkd_cache_rss_mib": rss / 2**20,
@@ -179,6 +227,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rss-rows", type=int, default=3000)
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
     env = {
         **os.environ,
@@ -189,12 +238,13 @@ def main() -> None:
     result: dict[str, Any] = {"rows": args.rows, "shards": args.shards, "rounds": args.rounds}
     with tempfile.TemporaryDirectory(prefix="rlkd-bench-scale-") as tmp:
         work = Path(tmp)
-        m = result["memory"] = peak_memory(args, work, env)
-        print(
-            f"peak RSS 10x / 1x: rlkd cache {m['rlkd_cache_10x_over_1x']:.2f} (goal <= 1.2), "
-            f"in-memory tokenization {m['in_memory_10x_over_1x']:.2f}",
-            flush=True,
-        )
+        if not args.skip_memory:
+            m = result["memory"] = peak_memory(args, work, env)
+            print(
+                f"peak RSS 10x / 1x: rlkd cache {m['rlkd_cache_10x_over_1x']:.2f} "
+                f"(goal <= 1.2), in-memory tokenization {m['in_memory_10x_over_1x']:.2f}",
+                flush=True,
+            )
         if not args.skip_throughput:
             t = result["throughput"] = throughput(args, work, env)
             rate = t["tokens_per_s_wall"]
@@ -204,9 +254,14 @@ def main() -> None:
                 f"ray 1 / single: {t['ray1_over_single_wall']:.2f} whole command, "
                 f"{t['ray1_over_single_scoring']:.2f} scoring (goal >= 0.9); "
                 f"ray 2 / ray 1: {t['ray2_over_ray1_wall']:.2f} whole command, "
-                f"{t['ray2_over_ray1_scoring']:.2f} scoring",
+                f"{t['ray2_over_ray1_scoring']:.2f} scoring\n"
+                "after the first shard: ray 1 / single "
+                f"{t['ray1_over_single_after_first_shard']:.2f}, ray 2 / ray 1 "
+                f"{t['ray2_over_ray1_after_first_shard']:.2f}",
                 flush=True,
             )
+            for arm, diff in t["same_as_single"].items():
+                print(f"{arm} vs single (1 thread): {diff}", flush=True)
     print(json.dumps(result))
 
 

@@ -273,6 +273,8 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> Path | str:
     with layout.locked(cfg.lock_wait, worker):  # one writer per cache (per worker's shards)
         if layout.is_complete():  # the run that held the lock completed it meanwhile
             return _already_cached(layout)
+        if worker is None:
+            layout.check_no_workers()  # a whole-cache run deletes every temp file
         log.info("teacher %s, backend %s (%s)", job.model, job.backend, job.why)
         backend = None
         if cfg.responses == "teacher":
@@ -285,7 +287,8 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> Path | str:
         owned = None if worker is None else plan.owned(*worker)
         with CacheWriter(layout, cfg.logprob_step, owned=owned) as writer:
             done = writer.resume(plan.shard_rows)
-            todo = [i for i in (owned or range(len(plan))) if i not in done]
+            mine = range(len(plan)) if owned is None else owned
+            todo = [i for i in mine if i not in done]
             if done:
                 log.info("resuming: %d of %d shards already complete", len(done), len(plan))
             if cfg.ray:
@@ -301,7 +304,7 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> Path | str:
                 "is done, run the same command with --finalize instead of --worker-index",
                 worker[0],
                 worker[1],
-                len(owned or ()),
+                len(mine),
                 len(todo),
             )
             return layout.path
@@ -377,27 +380,27 @@ def finalize(job: CacheJob, tokenizer: Any) -> Path | str:
         plan = ShardPlan.from_json(layout.read_plan(), job.fingerprint, where)
         if plan is None:
             raise RlkdError(f"{where}: not a shard plan of this cache; rerun the workers")
+        layout.check_no_workers()
         problems = []
-        with CacheWriter(layout, cfg.logprob_step) as writer:
-            for index, shard in enumerate(plan.shards):
-                problem = _shard_problem(layout, index, shard, cfg)
-                if problem is None:
-                    writer.take(index, ShardEntry.from_json(layout.read_record(index)))
-                    continue
-                owner = (
-                    f"worker {index % cfg.num_workers} of {cfg.num_workers}"
-                    if cfg.num_workers > 1
-                    else f"the worker whose --worker-index is {index} mod --num-workers"
-                )
-                problems.append(f"{layout.shard_name(index)}: {problem} (owned by {owner})")
-            if problems:
-                shown = problems[:20] + (
-                    [f"... and {len(problems) - 20} more"] * (len(problems) > 20)
-                )
-                raise RlkdError(
-                    f"{layout}: {len(problems)} of {len(plan)} planned shards are missing or bad; "
-                    "rerun their workers, then --finalize:\n  " + "\n  ".join(shown)
-                )
+        for index, shard in enumerate(plan.shards):
+            problem = _shard_problem(layout, index, shard, cfg)
+            if problem is None:
+                continue
+            owner = (
+                f"worker {index % cfg.num_workers} of {cfg.num_workers}"
+                if cfg.num_workers > 1
+                else f"the worker whose --worker-index is {index} mod --num-workers"
+            )
+            problems.append(f"{layout.shard_name(index)}: {problem} (owned by {owner})")
+        if problems:
+            shown = problems[:20] + [f"... and {len(problems) - 20} more"] * (len(problems) > 20)
+            raise RlkdError(
+                f"{layout}: {len(problems)} of {len(plan)} planned shards are missing or bad; "
+                "rerun their workers, then --finalize:\n  " + "\n  ".join(shown)
+            )
+        with CacheWriter(layout, cfg.logprob_step) as writer:  # removes dead writes' temp files
+            for index in range(len(plan)):
+                writer.take(index, ShardEntry.from_json(layout.read_record(index)))
             manifest = finish(job, plan, tokenizer, writer)
     log.info("finalized %s: %d shards", layout, manifest.totals.shards)
     return layout.path
@@ -455,6 +458,41 @@ def _log_cached(manifest: Manifest, plan: ShardPlan, seconds: float) -> None:
     )
 
 
+class Rate:
+    """Tokens scored over time: the progress bar's tokens/s and the closing log line."""
+
+    def __init__(self) -> None:
+        self.t0 = time.time()
+        self.tokens = 0
+        self.first: tuple[float, int] | None = None
+        """When the first shard was done, and the tokens by then."""
+
+    def add(self, tokens: int, shard_done: bool = False) -> None:
+        self.tokens += tokens
+        if shard_done and self.first is None:
+            self.first = (time.time(), self.tokens)
+
+    def __str__(self) -> str:
+        return f"{self.tokens / max(time.time() - self.t0, 1e-9):,.0f} tok/s"
+
+    def summary(self, who: str, shards: int) -> str:
+        """One line: tokens/s of the whole scoring, and after the first shard (which also
+        carries the teacher's start)."""
+        seconds = time.time() - self.t0
+        line = (
+            f"{who}: {shards} shards, {self.tokens} tokens in {seconds:.1f} s, "
+            f"{self.tokens / max(seconds, 1e-9):.0f} tokens/s"
+        )
+        if self.first is None or shards < 2:
+            return line
+        at, before = self.first
+        steady = (self.tokens - before) / max(time.time() - at, 1e-9)
+        return (
+            f"{line} ({steady:.0f} tokens/s after the first shard, which took "
+            f"{at - self.t0:.1f} s with the teacher's start)"
+        )
+
+
 def _score(scorer: ShardScorer, todo: list[int], writer: CacheWriter, progress: bool) -> None:
     """Score the shards in `todo`, handing each to the writer (which encodes and writes it
     in the background while the teacher scores the next)."""
@@ -470,24 +508,18 @@ def _score(scorer: ShardScorer, todo: list[int], writer: CacheWriter, progress: 
         disable=not progress,
         dynamic_ncols=True,
     )
-    tokens, t0 = 0, time.time()
+    rate = Rate()
 
-    def done(sequences: int, batch_tokens: int) -> None:
-        nonlocal tokens
-        tokens += batch_tokens
+    def done(sequences: int, tokens: int) -> None:
+        rate.add(tokens)
         bar.update(sequences)
-        bar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9):,.0f} tok/s")
+        bar.set_postfix_str(str(rate))
 
     try:
         for index in todo:
-            writer.submit(index, scorer.block(index, done))
+            block = scorer.block(index, done)
+            rate.add(0, shard_done=True)
+            writer.submit(index, block)
     finally:
         bar.close()
-    seconds = time.time() - t0
-    log.info(
-        "scored %d shards, %d tokens in %.1f s, %.0f tokens/s (the teacher's start included)",
-        len(todo),
-        tokens,
-        seconds,
-        tokens / max(seconds, 1e-9),
-    )
+    log.info("%s", rate.summary("scored", len(todo)))

@@ -26,11 +26,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
+from rlkd_cache.cache import Rate
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.plan import ShardPlan
 from rlkd_cache.store.manifest import ShardEntry
@@ -122,7 +122,7 @@ def connect(ray: Any, cfg: Any) -> bool:
             address=cfg.ray_address or "local",
             include_dashboard=False,
             log_to_driver=False,
-            configure_logging=False,
+            logging_level=logging.ERROR,  # Ray's own narration; its logs stay in its folder
             runtime_env={"env_vars": env},
         )
     except ConnectionError as e:
@@ -145,7 +145,11 @@ def score_on_ray(
     ours = connect(ray, job.cfg)
     try:
         context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
+        context.enable_progress_bars = False  # rlkd's bar counts shards and tokens
+        context.print_on_execution_start = False
+        # Ray Data narrates every execution at INFO and WARNING (its logs stay in Ray's
+        # session folder, /tmp/ray/session_*/logs); rlkd's own lines say what matters
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
         replicas = min(job.cfg.replicas, len(todo))
         gpus = gpus_per_replica(ray, job.cfg)
         _check_fits(
@@ -176,29 +180,19 @@ def score_on_ray(
             disable=not progress,
             dynamic_ncols=True,
         )
-        tokens, t0, first = 0, time.time(), None
+        rate = Rate()
         try:
             for row in _rows(scored):
                 index, value = int(row["shard"]), json.loads(row["entry"])
                 if "error" in value:
                     raise RlkdError(value["error"])
-                first = first or time.time() - t0
-                tokens += plan.shards[index].tokens
+                rate.add(plan.shards[index].tokens, shard_done=True)
                 bar.update(1)
-                bar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9):,.0f} tok/s")
+                bar.set_postfix_str(str(rate))
                 yield index, ShardEntry.from_json(value)
         finally:
             bar.close()
-        seconds = time.time() - t0
-        log.info(
-            "Ray: %d shards, %d tokens in %.1f s, %.0f tokens/s over all replicas (the first "
-            "shard came after %.1f s, the replicas' start included)",
-            len(todo),
-            tokens,
-            seconds,
-            tokens / max(seconds, 1e-9),
-            first or 0.0,
-        )
+        log.info("%s (over all replicas, their start included)", rate.summary("Ray", len(todo)))
     finally:
         if ours:
             ray.shutdown()

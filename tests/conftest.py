@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -163,6 +164,49 @@ def start(args: list[str], log: Path, fault: str | None = None) -> subprocess.Po
             stderr=err,
             text=True,
         )
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, pp in parents.items() if pp == parent]
+        found += children
+        frontier += children
+    return found
+
+
+def stopped(pids: list[int]) -> list[int]:
+    """Those of `pids` stopped by a signal (state T)."""
+    out = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state == "T":
+            out.append(pid)
+    return out
+
+
+def wait_for_stopped(root_pid: int, proc: subprocess.Popen, timeout: float = 300) -> int:
+    """The pid of a process at or below `root_pid` that a `pause:` fault point stopped, once
+    there is one; `proc` (the command started) must not end first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the command ended before a process paused"
+        if found := stopped([root_pid, *descendants(root_pid)]):
+            return found[0]
+        time.sleep(0.2)
+    raise AssertionError("no process paused at the fault point")
 
 
 def exported(cache: str | Path, tmp_path: Path) -> dict:

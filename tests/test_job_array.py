@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import SAMPLE, exported, fails, invoke, start
+from conftest import SAMPLE, exported, fails, invoke, start, wait_for_stopped
 from rlkd_cache.config import CacheConfig
 from rlkd_cache.data import Preparation, load_rows, prepare
 from rlkd_cache.plan import ShardPlan
@@ -139,6 +141,11 @@ def test_three_workers_one_after_another_then_finalize_make_the_single_cache(
     assert again[-1] == path
 
 
+def test_a_worker_beyond_the_shards_has_nothing_to_do(tiny_teacher, tmp_path):
+    path = invoke(*cache_args(tiny_teacher, tmp_path, *worker(6, 7)))[-1]  # 6 shards: 0-5
+    assert CacheDir(path).complete_shards() == {} and CacheDir(path).read_plan() is not None
+
+
 def test_two_workers_at_once_then_finalize_make_the_single_cache(
     single, tiny_teacher, tmp_path, monkeypatch
 ):
@@ -237,3 +244,43 @@ def test_a_saved_plan_is_what_every_worker_uses(single, tiny_teacher, tmp_path):
 )
 def test_bad_spreading_flags_are_one_line(tiny_teacher, tmp_path, flags, expected):
     assert expected in fails(*cache_args(tiny_teacher, tmp_path, *flags))
+
+
+def test_workers_and_finalize_on_s3_make_the_single_cache(
+    single, tiny_teacher, tmp_path, s3_server
+):
+    """The same on an object store (a real S3 server on loopback): each worker holds its own
+    lease, finalize the cache's."""
+    root = f"{s3_server.bucket()}/caches"
+    for i in (1, 0):
+        path = invoke(*cache_args(tiny_teacher, root, *worker(i, 2)))[-1]
+    assert not CacheDir(path).is_complete() and len(CacheDir(path).complete_shards()) == 6
+    assert invoke(*cache_args(tiny_teacher, root, "--finalize"))[-1] == path
+    assert path.rsplit("/", 1)[-1] == single[0].name
+    assert [s.sha256 for s in Cache(path).info.shards] == [
+        s.sha256 for s in Cache(single[0]).info.shards
+    ]
+    assert exported(path, tmp_path) == single[1]
+
+
+def test_while_a_worker_writes_finalize_and_a_whole_cache_run_refuse_and_touch_nothing(
+    single, tiny_teacher, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    root = tmp_path / "root"
+    args = cache_args(tiny_teacher, root, *worker(0, 2))
+    proc = start(args, tmp_path / "w0.log", fault="pause:before-rename:shard-00002.parquet")
+    try:
+        wait_for_stopped(proc.pid, proc)
+        (path,) = (p.parent for p in root.glob(f"*/{CacheDir.PLAN}"))
+        (temp,) = path.glob(".shard-00002.parquet.*.tmp")
+        for flags in (["--finalize"], []):
+            line = fails(*cache_args(tiny_teacher, root, *flags))
+            assert f"job-array worker 0 of 2 is still writing this cache (pid {proc.pid}" in line
+        assert temp.exists()  # the live worker's write is untouched
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert proc.wait(timeout=600) == 0
+    invoke(*cache_args(tiny_teacher, root, *worker(1, 2)))
+    invoke(*cache_args(tiny_teacher, root, "--finalize"))
+    assert_same_cache(path, single, tmp_path)

@@ -16,7 +16,16 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import SAMPLE, exported, fails, free_port, invoke, start
+from conftest import (
+    SAMPLE,
+    descendants,
+    exported,
+    fails,
+    free_port,
+    invoke,
+    start,
+    wait_for_stopped,
+)
 from rlkd_cache.cache import run_cache
 from rlkd_cache.config import CacheConfig
 from rlkd_cache.store.layout import CacheDir
@@ -105,47 +114,6 @@ def test_two_replicas_on_a_ray_the_caller_started_make_the_single_cache(
     assert "ray" not in Cache(path).manifest["config"]
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (from /proc)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        children = [p for p, pp in parents.items() if pp == parent]
-        found += children
-        frontier += children
-    return found
-
-
-def stopped(pids: list[int]) -> list[int]:
-    """Those of `pids` stopped by a signal (state T)."""
-    out = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state == "T":
-            out.append(pid)
-    return out
-
-
-def wait_for_stopped(root_pid: int, proc: subprocess.Popen, timeout: float = 300) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "rlkd ended before the replica paused"
-        if found := stopped(descendants(root_pid)):
-            return found[0]
-        time.sleep(0.2)
-    raise AssertionError("no replica paused at the fault point")
-
-
 def test_a_killed_replica_has_its_shard_redone_on_a_ray_started_on_the_fly(
     single, tiny_teacher, tmp_path
 ):
@@ -176,7 +144,9 @@ def ray_cluster(tmp_path_factory) -> Iterator[tuple[str, int]]:
     127.0.0.1 into the host's own address and listens on it (it has no loopback-only mode);
     nothing but this host reaches it here."""
     port = free_port()
-    log = tmp_path_factory.mktemp("ray-cluster") / "ray.log"
+    folder = tmp_path_factory.mktemp("ray-cluster")
+    log = folder / "ray.log"
+    env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     with log.open("w") as out:
         head = subprocess.Popen(
             [
@@ -193,10 +163,13 @@ def ray_cluster(tmp_path_factory) -> Iterator[tuple[str, int]]:
                 "--include-dashboard",
                 "false",
                 "--disable-usage-stats",
+                "--temp-dir",
+                str(folder / "ray"),
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=env,
         )
     address = f"127.0.0.1:{port}"
     try:
@@ -207,7 +180,7 @@ def ray_cluster(tmp_path_factory) -> Iterator[tuple[str, int]]:
             time.sleep(0.5)
         yield address, head.pid
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        head.send_signal(signal.SIGINT)  # `ray start --block` stops what it started
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:

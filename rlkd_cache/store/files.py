@@ -191,6 +191,10 @@ class LocalFiles:
     def lock(self, name: str, wait_s: float) -> AbstractContextManager[None]:
         return lock.hold(self.file(name), wait_s)
 
+    def holder(self, name: str) -> str | None:
+        """Who holds the lock `name` now, or None."""
+        return lock.holder_of(self.file(name))
+
 
 class ObjectFiles:
     """A prefix of an fsspec filesystem without rename (S3, GCS, ...)."""
@@ -293,6 +297,10 @@ class ObjectFiles:
 
     def lock(self, name: str, wait_s: float) -> AbstractContextManager[None]:
         return lease.hold(self.fs, self._key(name), wait_s)
+
+    def holder(self, name: str) -> str | None:
+        """None: whether a lease is live is known only by watching it for a lease's time."""
+        return None
 
     def _retrying(self, read: Callable[[], T]) -> T:
         """`read()`, retried on transient errors (`RETRIES` tries, exponential backoff with

@@ -166,6 +166,18 @@ class CacheDir:
         count, ... (`plan.ShardPlan.owned`) and their temp files."""
         return f"{cls.LOCK}.worker-{index}-of-{count}"
 
+    def check_no_workers(self) -> None:
+        """Raise `RlkdError` if a job-array worker is writing this cache now (a local lock
+        only: a lease on an object store cannot be told live without waiting a lease)."""
+        for name in self.files.names(f"{self.LOCK}.worker-*"):
+            who = self.files.holder(name)
+            if who is not None:
+                worker = name.removeprefix(f"{self.LOCK}.worker-").replace("-of-", " of ")
+                raise RlkdError(
+                    f"{self}: job-array worker {worker} is still writing this cache ({who}): "
+                    "wait for the workers to end, then run --finalize"
+                )
+
     def remove_temp_files(self, shards: Iterable[int] | None = None) -> None:
         """Delete temp files left by killed writes (on an object store: abort their multipart
         uploads): never complete, never trusted.

@@ -92,6 +92,23 @@ def describe(holder: Holder | None) -> str:
     return str(holder)
 
 
+def holder_of(lock_file: Path) -> str | None:
+    """Who holds the lock `lock_file` now (as `describe` says it), or None if nobody does."""
+    try:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return describe(Holder.read(fd))
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 BUSY_CACHE = (
     "{folder} is being written by another rlkd run, {who}{waited}: rerun when it is done (the "
     "cache is then complete), or give --lock-wait SECONDS to wait"
