@@ -6,9 +6,11 @@ the tiny teacher; each cache compared with the single-process one, byte for byte
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,6 +149,9 @@ def ray_cluster(tmp_path_factory) -> Iterator[tuple[str, int]]:
     folder = tmp_path_factory.mktemp("ray-cluster")
     log = folder / "ray.log"
     env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    # its own folder, so no other ray.init on this host finds it; short: Ray's socket paths
+    # under it must fit AF_UNIX's 107 bytes
+    short = tempfile.mkdtemp(prefix="rlkd-ray-")
     with log.open("w") as out:
         head = subprocess.Popen(
             [
@@ -164,7 +169,7 @@ def ray_cluster(tmp_path_factory) -> Iterator[tuple[str, int]]:
                 "false",
                 "--disable-usage-stats",
                 "--temp-dir",
-                str(folder / "ray"),
+                short,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -186,6 +191,7 @@ def ray_cluster(tmp_path_factory) -> Iterator[tuple[str, int]]:
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
+        shutil.rmtree(short, ignore_errors=True)
 
 
 def test_two_replicas_on_a_running_cluster_make_the_single_cache(
