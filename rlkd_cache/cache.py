@@ -16,7 +16,6 @@ and writes the manifest (`finalize`); `--ray` scores the shards on Ray replicas
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import uuid
@@ -52,7 +51,7 @@ from rlkd_cache.store.manifest import (
     TokenizerInfo,
 )
 from rlkd_cache.store.reader import Cache, decode_bytes
-from rlkd_cache.store.writer import CacheWriter
+from rlkd_cache.store.writer import CacheWriter, recorded
 from rlkd_cache.teacher import TeacherBackend, TeacherOutput
 from rlkd_cache.teacher.select import backend_version, make_backend, resolve_backend
 from rlkd_cache.train.batching import plan_window
@@ -381,10 +380,11 @@ def finalize(job: CacheJob, tokenizer: Any) -> Path | str:
         if plan is None:
             raise RlkdError(f"{where}: not a shard plan of this cache; rerun the workers")
         layout.check_no_workers()
-        problems = []
+        entries, problems = {}, []
         for index, shard in enumerate(plan.shards):
-            problem = _shard_problem(layout, index, shard, cfg)
-            if problem is None:
+            entry, problem = _checked_shard(layout, index, shard, cfg)
+            if entry is not None:
+                entries[index] = entry
                 continue
             owner = (
                 f"worker {index % cfg.num_workers} of {cfg.num_workers}"
@@ -399,38 +399,36 @@ def finalize(job: CacheJob, tokenizer: Any) -> Path | str:
                 "rerun their workers, then --finalize:\n  " + "\n  ".join(shown)
             )
         with CacheWriter(layout, cfg.logprob_step) as writer:  # removes dead writes' temp files
-            for index in range(len(plan)):
-                writer.take(index, ShardEntry.from_json(layout.read_record(index)))
+            for index, entry in entries.items():
+                writer.take(index, entry)
             manifest = finish(job, plan, tokenizer, writer)
     log.info("finalized %s: %d shards", layout, manifest.totals.shards)
     return layout.path
 
 
-def _shard_problem(
+def _checked_shard(
     layout: CacheDir, index: int, shard: PlannedShard, cfg: CacheConfig
-) -> str | None:
-    """What is wrong with planned shard `index` in `layout`, or None."""
+) -> tuple[ShardEntry | None, str]:
+    """Planned shard `index` of `layout`'s manifest entry, if it is there, matches its record
+    (`writer.recorded`), decodes and holds the planned rows; else None and what is wrong."""
     name = layout.shard_name(index)
     if not layout.has(name):
-        return "missing"
-    try:
-        entry = ShardEntry.from_json(layout.read_record(index))
-    except (KeyError, TypeError):
-        return "no complete record of its sha256 (its write did not finish)"
+        return None, "missing"
     data = layout.read_bytes(name)
-    if hashlib.sha256(data).hexdigest() != entry.sha256:
-        return "its sha256 differs from the one recorded when it was written (damaged)"
+    entry, problem = recorded(layout, index, shard.rows, data)
+    if entry is None:
+        return None, problem
     try:
         block = decode_bytes(data, "it", cfg.top_k, cfg.logprob_step)
     except RlkdError as e:
-        return str(e)
+        return None, str(e)
     found = (len(block), int(block.pos_off[-1]), int(block.tok_off[-1]))
-    if found != (shard.rows, shard.positions, shard.tokens) or entry.rows != shard.rows:
-        return (
+    if found != (shard.rows, shard.positions, shard.tokens):
+        return None, (
             f"holds {found[0]} rows with {found[1]} positions; the plan has {shard.rows} rows "
             f"with {shard.positions}"
         )
-    return None
+    return entry, ""
 
 
 def _already_cached(layout: CacheDir) -> Path | str:

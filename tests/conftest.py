@@ -209,6 +209,41 @@ def wait_for_stopped(root_pid: int, proc: subprocess.Popen, timeout: float = 300
     raise AssertionError("no process paused at the fault point")
 
 
+def sample_cache_args(
+    teacher: Path, root: Path | str, *more: str, rows: int, shards: int
+) -> list[str]:
+    """`rlkd cache` (k 8) of the bundled sample's first `rows` rows in `shards` shards of the
+    tiny `teacher` into the cache root `root`, then `more` flags."""
+    return [
+        "cache", "--model", str(teacher), "--dataset", str(SAMPLE),
+        "--split", f"train[:{rows}]", "--top-k", "8", "--num-shards-hint", str(shards),
+        "--no-progress", "--cache-root", str(root), *more,
+    ]  # fmt: skip
+
+
+def single_cache(args: list[str], tmp_path_factory) -> tuple[Path, dict]:
+    """The cache `rlkd ARGS` makes in this process (one run, one process), and its export:
+    what a spread-out run of the same arguments must equal."""
+    path = Path(invoke(*args)[-1])
+    return path, exported(path, tmp_path_factory.mktemp("export"))
+
+
+def assert_same_cache(path: Path | str, single: tuple[Path, dict], tmp_path: Path) -> None:
+    """The cache at `path` (a folder or URL) is `single_cache`'s: same name, fingerprint,
+    totals, shard sha256s and export; it verifies; a local one has no temp file left."""
+    from rlkd_cache.store.reader import Cache
+
+    other, ref = Cache(path), Cache(single[0])
+    assert str(path).rsplit("/", 1)[-1] == single[0].name
+    assert [s.sha256 for s in other.info.shards] == [s.sha256 for s in ref.info.shards]
+    assert other.info.fingerprint == ref.info.fingerprint
+    assert other.info.totals == ref.info.totals
+    assert exported(path, tmp_path) == single[1]
+    assert invoke("verify", str(path)) == [f"OK {path}"]
+    if "://" not in str(path):
+        assert not list(Path(path).glob(".*.tmp"))
+
+
 def exported(cache: str | Path, tmp_path: Path) -> dict:
     """`rlkd export` of a cache (a folder or URL), as columns: what two caches must share to
     hold the same rows and teacher values."""

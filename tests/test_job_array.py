@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import SAMPLE, exported, fails, invoke, start, wait_for_stopped
+from conftest import (
+    SAMPLE,
+    assert_same_cache,
+    fails,
+    invoke,
+    sample_cache_args,
+    single_cache,
+    start,
+)
 from rlkd_cache.config import CacheConfig
 from rlkd_cache.data import Preparation, load_rows, prepare
 from rlkd_cache.plan import ShardPlan
@@ -27,23 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def cache_args(teacher: Path, root: Path | str, *more: str) -> list[str]:
     """`rlkd cache` of the sample's first 30 rows in 6 shards into `root`."""
-    return [
-        "cache",
-        "--model",
-        str(teacher),
-        "--dataset",
-        str(SAMPLE),
-        "--split",
-        "train[:30]",
-        "--top-k",
-        "8",
-        "--num-shards-hint",
-        "6",
-        "--no-progress",
-        "--cache-root",
-        str(root),
-        *more,
-    ]
+    return sample_cache_args(teacher, root, *more, rows=30, shards=6)
 
 
 def worker(i: int, n: int) -> list[str]:
@@ -53,19 +43,8 @@ def worker(i: int, n: int) -> list[str]:
 @pytest.fixture(scope="module")
 def single(tiny_teacher, tmp_path_factory) -> tuple[Path, dict]:
     """The cache made by one `rlkd cache`, and its export."""
-    path = Path(invoke(*cache_args(tiny_teacher, tmp_path_factory.mktemp("single")))[-1])
-    return path, exported(path, tmp_path_factory.mktemp("export"))
-
-
-def assert_same_cache(path: Path | str, single: tuple[Path, dict], tmp_path: Path) -> None:
-    """`path` is the single-process cache: same name, shards, rows and teacher values."""
-    other, ref = Cache(path), Cache(single[0])
-    assert str(path).rsplit("/", 1)[-1] == single[0].name
-    assert [s.sha256 for s in other.info.shards] == [s.sha256 for s in ref.info.shards]
-    assert other.info.fingerprint == ref.info.fingerprint
-    assert other.info.totals == ref.info.totals
-    assert exported(path, tmp_path) == single[1]
-    assert invoke("verify", str(path)) == [f"OK {path}"]
+    root = tmp_path_factory.mktemp("single")
+    return single_cache(cache_args(tiny_teacher, root), tmp_path_factory)
 
 
 class Counted(dict):
@@ -256,31 +235,4 @@ def test_workers_and_finalize_on_s3_make_the_single_cache(
         path = invoke(*cache_args(tiny_teacher, root, *worker(i, 2)))[-1]
     assert not CacheDir(path).is_complete() and len(CacheDir(path).complete_shards()) == 6
     assert invoke(*cache_args(tiny_teacher, root, "--finalize"))[-1] == path
-    assert path.rsplit("/", 1)[-1] == single[0].name
-    assert [s.sha256 for s in Cache(path).info.shards] == [
-        s.sha256 for s in Cache(single[0]).info.shards
-    ]
-    assert exported(path, tmp_path) == single[1]
-
-
-def test_while_a_worker_writes_finalize_and_a_whole_cache_run_refuse_and_touch_nothing(
-    single, tiny_teacher, tmp_path, monkeypatch
-):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    root = tmp_path / "root"
-    args = cache_args(tiny_teacher, root, *worker(0, 2))
-    proc = start(args, tmp_path / "w0.log", fault="pause:before-rename:shard-00002.parquet")
-    try:
-        wait_for_stopped(proc.pid, proc)
-        (path,) = (p.parent for p in root.glob(f"*/{CacheDir.PLAN}"))
-        (temp,) = path.glob(".shard-00002.parquet.*.tmp")
-        for flags in (["--finalize"], []):
-            line = fails(*cache_args(tiny_teacher, root, *flags))
-            assert f"job-array worker 0 of 2 is still writing this cache (pid {proc.pid}" in line
-        assert temp.exists()  # the live worker's write is untouched
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
-    assert proc.wait(timeout=600) == 0
-    invoke(*cache_args(tiny_teacher, root, *worker(1, 2)))
-    invoke(*cache_args(tiny_teacher, root, "--finalize"))
     assert_same_cache(path, single, tmp_path)

@@ -27,7 +27,15 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import SAMPLE, S3Server, exported, fails, invoke, shallow_copy, start
+from conftest import (
+    S3Server,
+    exported,
+    fails,
+    invoke,
+    sample_cache_args,
+    shallow_copy,
+    start,
+)
 from rlkd_cache.config import TrainConfig
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.store import files, lease
@@ -40,22 +48,7 @@ from rlkd_cli.main import app
 
 def cache_args(teacher: Path, root: str) -> list[str]:
     """`rlkd cache` of the sample's first 24 rows in 4 shards into `root`."""
-    return [
-        "cache",
-        "--model",
-        str(teacher),
-        "--dataset",
-        str(SAMPLE),
-        "--split",
-        "train[:24]",
-        "--top-k",
-        "8",
-        "--num-shards-hint",
-        "4",
-        "--no-progress",
-        "--cache-root",
-        root,
-    ]
+    return sample_cache_args(teacher, root, rows=24, shards=4)
 
 
 def key(url: str) -> str:

@@ -20,11 +20,13 @@ from click.testing import CliRunner
 
 from conftest import (
     SAMPLE,
+    assert_same_cache,
     descendants,
-    exported,
     fails,
     free_port,
     invoke,
+    sample_cache_args,
+    single_cache,
     start,
     wait_for_stopped,
 )
@@ -42,23 +44,7 @@ RAY = [str(Path(sys.executable).parent / "ray")]
 
 def cache_args(teacher: Path, root: Path | str, *more: str) -> list[str]:
     """`rlkd cache` of the sample's first 48 rows in 6 shards into `root`."""
-    return [
-        "cache",
-        "--model",
-        str(teacher),
-        "--dataset",
-        str(SAMPLE),
-        "--split",
-        "train[:48]",
-        "--top-k",
-        "8",
-        "--num-shards-hint",
-        "6",
-        "--no-progress",
-        "--cache-root",
-        str(root),
-        *more,
-    ]
+    return sample_cache_args(teacher, root, *more, rows=48, shards=6)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -79,16 +65,8 @@ def no_ray_tokens() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def single(tiny_teacher, tmp_path_factory) -> tuple[Path, dict]:
     """The cache made by one `rlkd cache` (one thread, as each replica), and its export."""
-    path = Path(invoke(*cache_args(tiny_teacher, tmp_path_factory.mktemp("single")))[-1])
-    return path, exported(path, tmp_path_factory.mktemp("export"))
-
-
-def assert_same_cache(path: Path | str, single: tuple[Path, dict], tmp_path: Path) -> None:
-    other, ref = Cache(path), Cache(single[0])
-    assert Path(path).name == single[0].name
-    assert [s.sha256 for s in other.info.shards] == [s.sha256 for s in ref.info.shards]
-    assert exported(path, tmp_path) == single[1]
-    assert not list(Path(path).glob(".*.tmp"))
+    root = tmp_path_factory.mktemp("single")
+    return single_cache(cache_args(tiny_teacher, root), tmp_path_factory)
 
 
 def test_two_replicas_on_a_ray_the_caller_started_make_the_single_cache(

@@ -106,27 +106,13 @@ class CacheWriter:
                     "warning: %s: not in the shard plan (%d shards): ignored", path, len(shard_rows)
                 )
                 continue
-            entry, problem = self._recorded(index, shard_rows[index])
+            entry, problem = recorded(self.layout, index, shard_rows[index])
             if entry is None:
                 log.warning("warning: %s: %s; redoing it", path, problem)
                 self.layout.remove_shard(index)
                 continue
             self._written[index] = entry
         return sorted(self._written)
-
-    def _recorded(self, index: int, rows: int) -> tuple[ShardEntry | None, str]:
-        """Shard `index`'s manifest entry from its record, if the shard matches it and holds
-        `rows` rows; else None and what is wrong."""
-        name = self.layout.shard_name(index)
-        try:
-            entry = ShardEntry.from_json(self.layout.read_record(index))
-        except (KeyError, TypeError):
-            return None, "no complete record of its sha256 (its write did not finish)"
-        if entry.name != name or entry.rows != rows:
-            return None, f"its record is not of {name} with {rows} rows (another shard plan)"
-        if self.layout.sha256(name) != entry.sha256:
-            return None, "its sha256 differs from the one recorded when it was written (damaged)"
-        return entry, ""
 
     def submit(self, index: int, block: codec.Block) -> None:
         """Encode and write shard `index` in the background; re-raise earlier failures."""
@@ -161,6 +147,25 @@ class CacheWriter:
             path = self.layout.file(CacheDir.MANIFEST)
             return Manifest.from_json(self.layout.read_manifest(), path)
         return done
+
+
+def recorded(
+    layout: CacheDir, index: int, rows: int, data: bytes | None = None
+) -> tuple[ShardEntry | None, str]:
+    """Shard `index`'s manifest entry from its record, if the shard (its bytes `data` when
+    the caller has read them) matches it and holds `rows` rows; else None and what is wrong.
+    What a resumed run and `--finalize` trust a written shard by."""
+    name = layout.shard_name(index)
+    try:
+        entry = ShardEntry.from_json(layout.read_record(index))
+    except (KeyError, TypeError):
+        return None, "no complete record of its sha256 (its write did not finish)"
+    if entry.name != name or entry.rows != rows:
+        return None, f"its record is not of {name} with {rows} rows (another shard plan)"
+    actual = layout.sha256(name) if data is None else hashlib.sha256(data).hexdigest()
+    if actual != entry.sha256:
+        return None, "its sha256 differs from the one recorded when it was written (damaged)"
+    return entry, ""
 
 
 def write_shard(
