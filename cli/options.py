@@ -3,8 +3,9 @@
 Field `name: T = default` with a docstring under it becomes `--name` (dashes for
 underscores) whose help is that docstring and the default as the dataclass holds it.
 `Literal` types become choices, `bool` a `--name/--no-name` switch, `dict` a JSON object,
-`X | None` an optional X. Every option defaults to None ("not given"), so `load_config`
-applies only the flags given, over the keys of a `--config` file.
+`tuple[str, ...]` a repeatable flag, `X | None` an optional X. Every option defaults to None
+("not given"), so `load_config` applies only the flags given, over the keys of a `--config`
+file.
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ def _option(f: dataclasses.Field[Any], hint: Any, doc: str) -> Callable[[F], F]:
         decls[0] = f"{flag(f.name)}/--no-{flag(f.name)[2:]}"
     elif typing.get_origin(hint) is dict:
         settings.update(metavar="JSON", callback=json_object)
+    elif hint == tuple[str, ...]:  # a repeatable flag; not given: None, like the others
+        settings.update(multiple=True, callback=lambda ctx, param, value: value or None)
     elif hint in (int, float, str):
         settings["type"] = hint
     else:

@@ -53,7 +53,12 @@ from rlkd_cache.store.manifest import (
 from rlkd_cache.store.reader import Cache, decode_bytes
 from rlkd_cache.store.writer import CacheWriter, recorded
 from rlkd_cache.teacher import TeacherBackend, TeacherOutput
-from rlkd_cache.teacher.select import backend_version, make_backend, resolve_backend
+from rlkd_cache.teacher.select import (
+    backend_version,
+    make_backend,
+    resolve_backend,
+    teacher_vocab_size,
+)
 from rlkd_cache.train.batching import plan_window
 
 log = logging.getLogger("rlkd.cache")
@@ -81,27 +86,23 @@ def local_home(cfg: CacheConfig) -> Path:
 
 
 def resolve_model(cfg: CacheConfig) -> Path:
+    """The teacher's local folder (with `--backend server`, its tokenizer's)."""
     if cfg.model is None:
         return default_teacher(local_home(cfg))
     path = Path(cfg.model).expanduser()
+    if cfg.backend == "server":
+        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise RlkdError(
+                f"tokenizer not found: {cfg.model} (with --backend server, --model is a local "
+                "folder with the served model's tokenizer.json or tokenizer_config.json)"
+            )
+        return path
     if not (path / "config.json").is_file():
         raise RlkdError(
             f"model not found: {cfg.model} (expected a local Hugging Face model folder "
             "with config.json)"
         )
     return path
-
-
-def teacher_vocab_size(cfg: CacheConfig, model: Path) -> int:
-    """The teacher's vocabulary size, after checking the settings that depend on it."""
-    from transformers import AutoConfig
-
-    vocab_size = int(AutoConfig.from_pretrained(str(model)).vocab_size)
-    if cfg.top_k > vocab_size:  # top_k >= 1 and the rest: `CacheConfig.validate`
-        raise RlkdError(
-            f"--top-k {cfg.top_k} must be between 1 and the teacher's vocabulary ({vocab_size})"
-        )
-    return vocab_size
 
 
 def cache_identity(
@@ -127,7 +128,7 @@ def cache_identity(
         "top_k": cfg.top_k,
         "logprob_step": cfg.logprob_step,
         "backend": backend,
-        "dtype": cfg.dtype,
+        "dtype": None if backend == "server" else cfg.dtype,  # a server's is its own
         "responses": cfg.responses,
     }
     if backend == "vllm" and cfg.vllm_engine_kwargs:
@@ -159,6 +160,10 @@ class CacheJob:
     fingerprint: str
     cache_dir: str
     """The cache directory: a local path or a URL (with `cfg.storage_options`)."""
+    teacher_name: str
+    probe: dict[str, Any] | None = None
+    """A served teacher's behavioural probe (`teacher/server.py`): this run's answer, then,
+    once `same_teacher` checked it, the one saved with the cache."""
 
     @property
     def layout(self) -> CacheDir:
@@ -178,12 +183,23 @@ def open_job(cfg: CacheConfig) -> tuple[CacheJob, Any, Any]:
     rows = load_rows(cfg.dataset, cfg.split)
     backend, why = resolve_backend(cfg)
     data_id = dataset_identity(cfg.dataset, cfg.split, rows)
-    home = local_home(cfg)
-    home.mkdir(parents=True, exist_ok=True)
-    teacher_sha = folder_sha256(model, home / ".hash-memo.json")
+    probe = None
+    if backend == "server":  # no weights here: what the servers say they are, and the probe
+        served = make_backend(backend, model, cfg).served(tokenizer, cfg.top_k)  # type: ignore[attr-defined]
+        cfg = replace(cfg, server_model=served.model)  # replicas and workers ask no more
+        teacher = {"model": served.model, "max_model_len": served.max_model_len}
+        teacher_sha = fingerprint(teacher)
+        teacher_name, probe = served.model, served.probe
+    else:
+        home = local_home(cfg)
+        home.mkdir(parents=True, exist_ok=True)
+        teacher_sha = folder_sha256(model, home / ".hash-memo.json")
+        teacher, teacher_name = None, model.name
     identity = cache_identity(cfg, teacher_sha, tokenizer, data_id, backend)
+    if teacher is not None:
+        identity["served_teacher"] = teacher
     fp = fingerprint(identity)
-    name = f"{slug(model.name)}-{slug(data_id['source'])}-k{cfg.top_k}-{fp[:16]}"
+    name = f"{slug(teacher_name)}-{slug(data_id['source'])}-k{cfg.top_k}-{fp[:16]}"
     job = CacheJob(
         cfg,
         model,
@@ -195,8 +211,38 @@ def open_job(cfg: CacheConfig) -> tuple[CacheJob, Any, Any]:
         identity,
         fp,
         str(CacheDir(root.child(name)).path),
+        teacher_name,
+        probe,
     )
     return job, tokenizer, rows
+
+
+def same_teacher(job: CacheJob, saved: dict[str, Any] | None = None) -> CacheJob:
+    """For a served teacher: check this run's probe against the one saved with the cache
+    (`saved`, else the cache's probe file, which the first run to get here writes) and
+    return the job with the saved probe; refuse, naming the difference, if the model behind
+    the URL changed. Other backends are identified by their weights' hash: `job` as is."""
+    from rlkd_cache.teacher.server import probe_difference
+
+    if job.probe is None:
+        return job
+    layout = job.layout
+    if saved is None:
+        saved = layout.read_probe()
+    if saved is None:
+        try:
+            layout.write_probe(job.probe, create=True)
+            return job
+        except FileExistsError:  # a worker that started at the same moment wrote it
+            saved = layout.read_probe()
+    why = probe_difference(saved, job.probe)
+    if why is not None:
+        raise RlkdError(
+            f"{layout}: the teacher behind --server-url is not the one this cache was made "
+            f"with: {why}. The model behind the URL changed; shards of two teachers are never "
+            "mixed: serve the first model again, or cache the new one under another --cache-root"
+        )
+    return replace(job, probe=saved)
 
 
 class ShardScorer:
@@ -228,6 +274,8 @@ class ShardScorer:
         cfg = self.job.cfg
         rows = rows_between(self.rows, shard.start, shard.stop)
         seqs = self.plan.sequences(index, rows, self.how, self.tokenizer, cfg)
+        if getattr(self.backend, "streams", False):  # a served teacher: all in flight at once
+            return to_block(seqs, self.backend.score(seqs, cfg.top_k, done))  # type: ignore[call-arg]
         lengths = np.array([len(s.input_ids) for s in seqs])
         outputs: list[TeacherOutput | None] = [None] * len(seqs)
         for batch in plan_window(lengths, cfg.batch_tokens):
@@ -262,18 +310,19 @@ def run_cache(cfg: CacheConfig, progress: bool = True) -> Path | str:
             "before any shard is planned; run it without --ray, --worker-index and --finalize"
         )
     job, tokenizer, rows = open_job(cfg)
-    layout = job.layout
+    cfg, layout = job.cfg, job.layout
     if layout.is_complete():
-        return _already_cached(layout)
+        return _already_cached(job)
     if cfg.finalize:
         return finalize(job, tokenizer)
     layout.create()
     worker = None if cfg.worker_index is None else (cfg.worker_index, cfg.num_workers)
     with layout.locked(cfg.lock_wait, worker):  # one writer per cache (per worker's shards)
         if layout.is_complete():  # the run that held the lock completed it meanwhile
-            return _already_cached(layout)
+            return _already_cached(job)
         if worker is None:
             layout.check_no_workers()  # a whole-cache run deletes every temp file
+        job = same_teacher(job)
         log.info("teacher %s, backend %s (%s)", job.model, job.backend, job.why)
         backend = None
         if cfg.responses == "teacher":
@@ -341,7 +390,12 @@ def finish(job: CacheJob, plan: ShardPlan, tokenizer: Any, writer: CacheWriter) 
             fingerprint=job.fingerprint,
             identity=job.identity,
             config={k: v for k, v in saved(cfg).items() if k != "cache_root"},
-            teacher=TeacherInfo(name=job.model.name, path=str(job.model), sha256=job.teacher_sha),
+            teacher=TeacherInfo(
+                name=job.teacher_name,
+                path=str(job.model),
+                sha256=job.teacher_sha,
+                probe=job.probe,
+            ),
             tokenizer=TokenizerInfo(
                 sha256=job.identity["tokenizer_sha256"],
                 vocab_sha256=vocab_sha256(tokenizer),
@@ -374,7 +428,8 @@ def finalize(job: CacheJob, tokenizer: Any) -> Path | str:
         )
     with layout.locked(cfg.lock_wait):
         if layout.is_complete():
-            return _already_cached(layout)
+            return _already_cached(job)
+        job = same_teacher(job)
         where = layout.file(CacheDir.PLAN)
         plan = ShardPlan.from_json(layout.read_plan(), job.fingerprint, where)
         if plan is None:
@@ -431,10 +486,12 @@ def _checked_shard(
     return entry, ""
 
 
-def _already_cached(layout: CacheDir) -> Path | str:
-    """The directory of the complete cache `layout`, after checking its manifest (which
-    raises, naming the file, if it is corrupt or foreign)."""
-    Cache(layout.files)
+def _already_cached(job: CacheJob) -> Path | str:
+    """The directory of `job`'s complete cache, after checking its manifest (which raises,
+    naming the file, if it is corrupt or foreign) and that a served teacher is the same."""
+    layout = job.layout
+    manifest = Cache(layout.files).info
+    same_teacher(job, manifest.teacher.probe or {})
     log.info("already cached: %s", layout)
     return layout.path
 
@@ -511,7 +568,8 @@ def _score(scorer: ShardScorer, todo: list[int], writer: CacheWriter, progress: 
     def done(sequences: int, tokens: int) -> None:
         rate.add(tokens)
         bar.update(sequences)
-        bar.set_postfix_str(str(rate))
+        in_flight = getattr(scorer.backend, "in_flight", None)  # a served teacher's requests
+        bar.set_postfix_str(str(rate) + ("" if in_flight is None else f", {in_flight} in flight"))
 
     try:
         for index in todo:

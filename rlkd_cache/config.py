@@ -126,10 +126,16 @@ NOT_SAVED = (
     "replicas",
     "gpus_per_replica",
     "cpus_per_replica",
+    "server_url",
+    "concurrency",
+    "api_key_env",
+    "server_timeout",
+    "server_retries",
 )
 """Config fields never written to a manifest, a run's config.json or a log: storage options
 may hold credentials; the rest say how `rlkd cache` spread its work over processes, which
-makes the same cache whichever way it is spread."""
+makes the same cache whichever way it is spread; so do the server backend's URLs and
+request settings (the served teacher is identified by what it answers, not where it is)."""
 
 
 def saved(cfg: Any) -> dict[str, Any]:
@@ -184,9 +190,28 @@ class CacheConfig(StorageConfig):
     logprob_step: float = 0.0099
     """Quantization step of stored log-probs in nats; the largest error is half of it.
     The default keeps every value within 0.005 nat of the teacher's fp32 value."""
-    backend: Literal["auto", "hf", "vllm"] = "auto"
-    """Teacher backend: transformers ("hf") or vLLM. "auto": vLLM with a CUDA GPU and a GPU
-    build of vLLM that imports, else transformers (see `teacher/select.py`)."""
+    backend: Literal["auto", "hf", "vllm", "server"] = "auto"
+    """Teacher backend: transformers ("hf"), vLLM in this process ("vllm"), or running vLLM
+    servers over HTTP ("server", with `server_url`; `model` then gives only the tokenizer).
+    "auto": vLLM with a CUDA GPU and a GPU build of vLLM that imports, else transformers (see
+    `teacher/select.py`)."""
+    server_url: tuple[str, ...] = ()
+    """Server backend: base URL of a vLLM OpenAI-compatible server, for example
+    http://host:8000/v1; repeat the flag for several servers, which share the requests."""
+    server_model: str | None = None
+    """Server backend: the model name the servers serve (as GET /v1/models lists it). None:
+    the one model they serve."""
+    concurrency: int = 16
+    """Server backend: requests in flight per server."""
+    api_key_env: str | None = None
+    """Server backend: the environment variable that holds the servers' API key (sent as a
+    bearer token; the key itself is never a flag, nor in a file or a log line)."""
+    server_timeout: float = 600.0
+    """Server backend: seconds one request may take before it is retried."""
+    server_retries: int = 5
+    """Server backend: retries of a request after a connection error, a timeout, 429 or 5xx,
+    waiting 1, 2, 4, ... s between them; then the run stops, naming the server (rerun the
+    same command to resume)."""
     batch_tokens: int = 8192
     """Token budget of one teacher forward batch (padding included)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -290,6 +315,14 @@ class CacheConfig(StorageConfig):
                     "None or >= 0",
                 ),
                 ("cpus_per_replica", self.cpus_per_replica > 0, "> 0"),
+                (
+                    "server_url",
+                    (self.backend == "server") == bool(self.server_url),
+                    "given with --backend server, and only with it",
+                ),
+                ("concurrency", self.concurrency >= 1, ">= 1"),
+                ("server_timeout", self.server_timeout > 0, "> 0 seconds"),
+                ("server_retries", self.server_retries >= 0, ">= 0"),
                 ("vllm_tensor_parallel_size", self.vllm_tensor_parallel_size >= 1, ">= 1"),
                 ("vllm_max_model_len", _none_or_positive(self.vllm_max_model_len), "None or >= 1"),
                 ("vllm_gpu_memory_utilization", memory is None or 0 < memory <= 1, "in (0, 1]"),
@@ -471,6 +504,11 @@ def _check_type(label: str, value: Any, hint: Any) -> Any:
             raise RlkdError(f"{label} must be {hint.__name__}, got {value!r}") from None
     if isinstance(value, dict) and origin is dict:
         return value
+    if origin is tuple:  # tuple[str, ...]: a list in YAML, a repeated flag, or one string
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, list | tuple) and all(isinstance(v, str) for v in items):
+            return tuple(items)
+        raise RlkdError(f"{label} must be a string or a list of strings, got {value!r}")
     raise RlkdError(f"{label} has unsupported value {value!r}")
 
 

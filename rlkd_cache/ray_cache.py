@@ -87,9 +87,11 @@ class Replica:
 
 def gpus_per_replica(ray: Any, cfg: Any) -> float:
     """`--gpus-per-replica`, or by default the teacher's tensor-parallel size on a cluster
-    with GPUs and 0 on one without."""
+    with GPUs and 0 on one without (and for a served teacher, which runs elsewhere)."""
     if cfg.gpus_per_replica is not None:
         return float(cfg.gpus_per_replica)
+    if cfg.backend == "server":
+        return 0.0
     return float(cfg.vllm_tensor_parallel_size) if ray.cluster_resources().get("GPU") else 0.0
 
 

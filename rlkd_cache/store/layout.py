@@ -62,6 +62,8 @@ class CacheDir:
     temp files."""
     MANIFEST = "manifest.json"
     PLAN = "plan.json"
+    PROBE = "probe.json"
+    """A served teacher's behavioural probe, saved by the first run (`cache.same_teacher`)."""
     RESPONSES = "responses.parquet"
     SHARD_GLOB = "shard-*.parquet"
     SHARD_NAME = re.compile(r"shard-([0-9]{5,})\.parquet")
@@ -301,6 +303,20 @@ class CacheDir:
         """Save the shard plan; with `create`, only if there is none yet (else
         FileExistsError)."""
         self._write_json(self.PLAN, document, create)
+
+    def read_probe(self) -> Any:
+        """The saved probe of a served teacher's answers, or None if there is none."""
+        if not self.has(self.PROBE):
+            return None
+        try:
+            return self._read_json(self.PROBE)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            where = self.file(self.PROBE)
+            raise RlkdError(f"{where}: corrupt probe ({e}); delete it and rerun") from None
+
+    def write_probe(self, document: dict[str, Any], create: bool = False) -> None:
+        """Save the probe; with `create`, only if there is none yet (else FileExistsError)."""
+        self._write_json(self.PROBE, document, create)
 
     def read_responses(self, columns: list[str] | None = None) -> pa.Table:
         """The saved teacher generations (seq_id, prompt, response)."""

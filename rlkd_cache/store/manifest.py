@@ -54,7 +54,10 @@ class TeacherInfo:
     name: str
     path: str
     sha256: str
-    """Hash of every file of the teacher's folder."""
+    """Hash of every file of the teacher's folder; for a served teacher (`path` is then its
+    tokenizer's folder), of the model name and context the servers report."""
+    probe: dict[str, Any] | None = None
+    """A served teacher's behavioural probe (`teacher/server.py`); None for the others."""
 
 
 @dataclass(frozen=True)

