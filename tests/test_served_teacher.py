@@ -344,3 +344,83 @@ def test_dead_server_then_another_model_then_resume(
     assert_same_cache(out.splitlines()[-1], served_cache, tmp_path)
     for name in ("run.log", "resumed.log"):
         assert KEY not in (tmp_path / name).read_text()
+
+
+class FlakyProxy:
+    """A loopback HTTP proxy to a server that answers the first `failures` completion
+    requests with the given statuses (429, 503, ...), then forwards everything: the network
+    between rlkd and a busy server, not a copy of either."""
+
+    def __init__(self, target: str, failures: list[int]) -> None:
+        import http.server
+        import threading
+        import urllib.error
+        import urllib.request
+
+        from conftest import free_port
+
+        self.failures, self.refused = list(failures), []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def relay(self, method: str) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path.endswith("/completions") and proxy.failures:
+                    status = proxy.failures.pop(0)
+                    proxy.refused.append(status)
+                    self.send_response(status)
+                    self.send_header("Content-Length", "4")
+                    self.end_headers()
+                    self.wfile.write(b"busy")
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                request = urllib.request.Request(
+                    target + self.path, body or None, headers, method=method
+                )
+                try:
+                    with urllib.request.urlopen(request, timeout=300) as answer:
+                        status, data = answer.status, answer.read()
+                except urllib.error.HTTPError as e:
+                    status, data = e.code, e.read()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self.relay("GET")
+
+            def do_POST(self):
+                self.relay("POST")
+
+        self.port = free_port()
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_429_and_5xx_are_retried_then_named(server, served_cache, tiny_teacher, tmp_path):
+    root = server.url.removesuffix("/v1")
+    proxy = FlakyProxy(root, [429, 503, 500])
+    try:
+        args = served_args(tiny_teacher, tmp_path / "flaky", proxy.url)
+        path = invoke(*args, "--server-retries", "3", "--concurrency", "1")[-1]
+        assert proxy.refused == [429, 503, 500]
+        assert_same_cache(path, served_cache, tmp_path)
+        proxy.failures = [503, 503]
+        args = served_args(tiny_teacher, tmp_path / "give-up", proxy.url)
+        line = fails(*args, "--server-retries", "1")
+        assert f"server {proxy.url} failed" in line and "after 2 tries: 503: busy" in line
+    finally:
+        proxy.close()

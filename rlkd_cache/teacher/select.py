@@ -100,7 +100,7 @@ def make_backend(name: str, model: Path, cfg: CacheConfig) -> TeacherBackend:
     if name == "server":
         from rlkd_cache.teacher.server import ServerTeacher
 
-        backend = ServerTeacher(model, cfg, teacher_vocab_size(cfg, model))
+        backend = ServerTeacher(cfg, teacher_vocab_size(cfg, model))
         _OPENED.append(backend)
         return backend
     from rlkd_cache.teacher.hf import HFTeacher
