@@ -157,6 +157,11 @@ def build_student(recipe: Recipe, teacher: Path, out: Path) -> Path:
     layers, hidden, heads, seed), or the teacher's own layers (`student.layers`)."""
     if "path" in recipe.student:
         return Path(recipe.student["path"])
+    if not (teacher / "config.json").is_file():  # a served teacher's tokenizer folder
+        raise RlkdError(
+            "the recipe's student, built from the teacher, needs the teacher's config (and for "
+            f"layers, its weights), which {teacher} does not hold: give student: path: FOLDER"
+        )
     if "random" in recipe.student:  # {layers: N, hidden: H, heads: A, seed: S}
         shape = dict(recipe.student["random"])
         folder = (

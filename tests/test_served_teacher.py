@@ -424,3 +424,16 @@ def test_429_and_5xx_are_retried_then_named(server, served_cache, tiny_teacher, 
         assert f"server {proxy.url} failed" in line and "after 2 tries: 503: busy" in line
     finally:
         proxy.close()
+
+
+def test_a_recipe_student_from_a_served_teacher_needs_a_folder(tmp_path):
+    """With `--backend server` the teacher folder holds a tokenizer only: a recipe's student
+    built from the teacher's layers or config is refused in one line."""
+    from rlkd_cache.pipeline import Recipe, build_student
+
+    folder = tmp_path / "tokenizer-only"
+    build_tokenizer().save_pretrained(folder)
+    for student in ({"layers": [0]}, {"random": {"layers": 1, "hidden": 64, "heads": 1}}):
+        recipe = Recipe(output=str(tmp_path), cache={}, splits={}, student=student)
+        with pytest.raises(RlkdError, match="give student: path: FOLDER"):
+            build_student(recipe, folder, tmp_path)
