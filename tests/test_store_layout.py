@@ -27,7 +27,7 @@ from rlkd_cache.store.reader import Cache, split_rows
 from rlkd_cache.store.writer import CacheWriter
 from rlkd_cache.train.batching import plan_window
 
-LAYOUT_NAMES = ("manifest.json", "plan.json", "responses.parquet", "shard-", ".tmp")
+LAYOUT_NAMES = ("manifest.json", "plan.json", "probe.json", "responses.parquet", "shard-", ".tmp")
 
 
 def sources_outside_store() -> list[Path]:
