@@ -205,7 +205,7 @@ def failure_hint(status: int, text: str, k: int) -> str:
         return "check --server-url (the API base, ending in /v1) and --server-model"
     if "maximum context length" in lowered or "max_model_len" in lowered:
         return "use a lower --max-length, or a server with a longer --max-model-len"
-    return "see the body above"
+    return "see the server's message"
 
 
 @dataclass(frozen=True)
@@ -310,11 +310,11 @@ class ServerTeacher:
                 max_len,
                 max_len - 1,
             )
-        tokens = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
-        tokens = tokens[: min(PROBE_TOKENS, max_len - 1)]
+        ours = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        tokens = ours[: min(PROBE_TOKENS, max_len - 1)]
         probes = []
         for url in self.urls:
-            await self._check_tokenizer(url, tokenizer)
+            await self._check_tokenizer(url, ours)
             seq = Sequence("probe", np.asarray(tokens, dtype=np.int32), np.arange(len(tokens) - 1))
             probes.append(probe_document(tokens, await self._request(url, seq, k)))
         for url, probe in zip(self.urls[1:], probes[1:], strict=True):
@@ -350,8 +350,9 @@ class ServerTeacher:
             )
         return name, limit
 
-    async def _check_tokenizer(self, url: str, tokenizer: Any) -> None:
-        """`POST /tokenize` (vLLM's, beside /v1) of the probe text must give our ids."""
+    async def _check_tokenizer(self, url: str, ours: list[int]) -> None:
+        """`POST /tokenize` (vLLM's, beside /v1) of the probe text must give `ours`, our
+        tokenizer's ids of it."""
         root = url.removesuffix("/v1")
         body = {"model": self.model, "prompt": PROBE_TEXT, "add_special_tokens": False}
         answer = await self._call(url, "POST", f"{root}/tokenize", body, "tokenizing the probe")
@@ -359,7 +360,6 @@ class ServerTeacher:
             theirs = json.loads(answer)
         except ValueError as e:
             raise RlkdError(f"POST {root}/tokenize: not JSON ({e}); is it a vLLM server?") from None
-        ours = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
         if theirs.get("tokens") != ours:
             raise RlkdError(
                 f"--model's tokenizer does not match {self.model}'s on {url}: the probe text "

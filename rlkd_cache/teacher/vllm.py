@@ -97,9 +97,9 @@ def flatten_prompt_logprobs(
     prompt_logprobs: Any,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(starts, ends, token_ids, logprobs, ranks) of a request's prompt log-probs, given as
-    vLLM's `FlatLogprobs` (or anything with its fields), as a list of `{token_id: Logprob}`
-    dicts (None at entry 0), or as the OpenAI server's JSON of those (token ids as strings).
-    Entry i's values lie in [starts[i], ends[i])."""
+    vLLM's `FlatLogprobs` (or anything with its fields) or as a list of `{token_id: Logprob}`
+    dicts (None at entry 0; the server backend decodes its JSON into that form). Entry i's
+    values lie in [starts[i], ends[i])."""
     if hasattr(prompt_logprobs, "start_indices"):
         return (
             np.asarray(prompt_logprobs.start_indices, dtype=np.int64),
@@ -113,12 +113,8 @@ def flatten_prompt_logprobs(
         starts.append(len(ids))
         for token_id, lp in (entry or {}).items():
             ids.append(token_id)
-            if isinstance(lp, dict):  # a server's JSON: {"logprob", "rank", "decoded_token"}
-                values.append(lp["logprob"])
-                ranks.append(lp["rank"])
-            else:
-                values.append(lp.logprob)
-                ranks.append(lp.rank)
+            values.append(lp.logprob)
+            ranks.append(lp.rank)
         ends.append(len(ids))
     return (
         np.asarray(starts, dtype=np.int64),
