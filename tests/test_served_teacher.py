@@ -325,7 +325,7 @@ def test_dead_server_then_another_model_then_resume(
     root = tmp_path / "c"
     args = [*served_args(tiny_teacher, root, url), "--server-retries", "1"]
     with vllm_server(tiny_teacher, log, *key, port=port) as first:
-        run = start(args, tmp_path / "run.log", fault="pause:before-rename:shard-00001.parquet")
+        run = start(args, tmp_path / "run.log", fault="pause:before-rename:shard-00000.parquet")
         paused = wait_for_stopped(run.pid, run)
         first.stop()
         os.kill(paused, signal.SIGCONT)

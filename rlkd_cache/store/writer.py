@@ -115,9 +115,11 @@ class CacheWriter:
         return sorted(self._written)
 
     def submit(self, index: int, block: codec.Block) -> None:
-        """Encode and write shard `index` in the background; re-raise earlier failures."""
+        """Encode and write shard `index` in the background, after the write before it is done
+        (so at most one shard waits in memory while the teacher scores the next, however slow
+        the store); re-raise earlier failures."""
         assert self._pool is not None
-        self.drain(wait=False)
+        self.drain()
         future = self._pool.submit(write_shard, self.layout, index, block, self.step, self.level)
         self._pending.append((index, future))
 
@@ -125,15 +127,11 @@ class CacheWriter:
         """Count shard `index` as written by another process of this run (a Ray replica)."""
         self._written[index] = entry
 
-    def drain(self, wait: bool = True) -> None:
-        """Collect finished writes (all of them if `wait`), re-raising their errors here."""
-        still = []
+    def drain(self) -> None:
+        """Wait for the pending writes, re-raising their errors here."""
         for index, future in self._pending:
-            if wait or future.done():
-                self._written[index] = future.result()
-            else:
-                still.append((index, future))
-        self._pending = still
+            self._written[index] = future.result()
+        self._pending = []
 
     def finish(self, manifest: Manifest) -> Manifest:
         """`manifest` with the shards written, after writing it, last and atomically."""
