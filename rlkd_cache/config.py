@@ -32,6 +32,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 """Autocast precision of the student's forward ("fp32": none). Losses reduce in fp32."""
 
 Parallel = Literal["ddp", "fsdp"]
+Optimizer = Literal["adamw", "adamw8bit", "adafactor"]
 """How 2+ ranks hold the student: whole on every rank (DDP) or sharded across them (FSDP2)."""
 
 REQUIRED = {"required": True}
@@ -388,6 +389,25 @@ class TrainConfig(LossConfig, ReadConfig):
     device: str = "auto"
     """"auto" (cuda if available, else cpu), cpu, cuda or cuda:N. Under torchrun every rank
     takes cuda:LOCAL_RANK (auto, cuda) or the CPU (cpu)."""
+    lora_r: int = 0
+    """LoRA rank: train low-rank adapters (peft) instead of the whole student, the base frozen
+    (kept in bf16 under --precision bf16); 0: full fine-tuning."""
+    lora_alpha: float | None = None
+    """LoRA scaling numerator (the adapter's update is scaled by alpha / r); None: 2 x lora_r."""
+    lora_targets: str = "all-linear"
+    """Modules that get adapters: "all-linear" (every linear layer but the LM head) or a
+    comma-separated list of module names (for example q_proj,v_proj; lm_head adds one to the
+    head)."""
+    lora_dropout: float = 0.05
+    """Dropout on the adapters' inputs while training."""
+    load_in_4bit: bool = False
+    """QLoRA: the frozen base in 4-bit NF4 (bitsandbytes; needs CUDA and --lora-r)."""
+    optimizer: Optimizer = "adamw"
+    """"adamw" (torch), "adamw8bit" (bitsandbytes' 8-bit AdamW; needs CUDA) or "adafactor"
+    (transformers' Adafactor at a fixed --lr: factored second moments, no first moment)."""
+    merge: bool = False
+    """With --lora-r: also save final/merged/, the adapters merged into an ordinary Hugging
+    Face model."""
     parallel: Parallel = "ddp"
     """Under torchrun with 2+ ranks: "ddp" keeps the whole student on every rank (DDP);
     "fsdp" shards its weights, gradients and AdamW state across the ranks (FSDP2), for
@@ -415,6 +435,12 @@ class TrainConfig(LossConfig, ReadConfig):
                 ("log_every", self.log_every >= 1, ">= 1"),
                 ("shuffle_buffer", self.shuffle_buffer >= 1, ">= 1"),
                 ("chunk_size", self.chunk_size >= 1, ">= 1"),
+                ("lora_r", self.lora_r >= 0, ">= 0 (0 = full fine-tuning)"),
+                ("lora_alpha", self.lora_alpha is None or self.lora_alpha > 0, "None or > 0"),
+                ("lora_targets", bool(self.lora_targets.strip(" ,")), "all-linear or names"),
+                ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
+                ("load_in_4bit", self.lora_r > 0 or not self.load_in_4bit, "used with --lora-r"),
+                ("merge", self.lora_r > 0 or not self.merge, "used with --lora-r"),
                 *self.read_checks(),
             ),
         )

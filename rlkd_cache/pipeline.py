@@ -184,7 +184,8 @@ def finished(cfg: TrainConfig) -> bool:
     `final/` saved after its newest checkpoint, which is at `max_steps` (a run continued to a
     longer budget rewrites its config.json first and its `final/` last)."""
     run = Path(cfg.output)
-    final = run / "final" / "config.json"
+    last = "merged/config.json" if cfg.merge else "adapter_config.json"  # a LoRA run's, last
+    final = run / "final" / (last if cfg.lora_r else "config.json")
     if not final.is_file() or not (run / "config.json").is_file():
         return False
     saved = json.loads((run / "config.json").read_text())

@@ -88,6 +88,6 @@ def test_micro_step_is_the_plain_objective_on_the_students_hidden_states(rows_an
     out = micro_step(model, batch, StepSettings(losses=losses, chunk_size=7))
     hidden = student_hidden(model, batch)
     torch.testing.assert_close(out.hidden, hidden)
-    weight, bias = lm_head(model)
-    plain = distill_loss_reference(hidden, weight, bias, teacher_of(batch), None, losses)
+    head = lm_head(model)
+    plain = distill_loss_reference(hidden, head.weight, head.bias, teacher_of(batch), None, losses)
     torch.testing.assert_close(out.sums.total, plain.total, rtol=1e-5, atol=1e-5)

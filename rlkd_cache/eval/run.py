@@ -30,6 +30,7 @@ from rlkd_cache.store.atomic import write_json_atomic
 from rlkd_cache.store.fingerprint import folder_sha256
 from rlkd_cache.store.reader import Cache
 from rlkd_cache.train.batching import TokenBatcher
+from rlkd_cache.train.lora import MERGED, merged_model
 from rlkd_cache.train.step import student_hidden
 from rlkd_cache.train.stream import CacheStream
 from rlkd_cache.train.student import check_compatible, lm_head, load_student
@@ -48,10 +49,14 @@ RESULTS_VERSION = 1
 
 def resolve_student(path: str | Path) -> tuple[Path, Path | None]:
     """(model folder, run folder or None) of `path`: a run folder of `rlkd train` gives its
-    `final/` student; a Hugging Face model folder is used as it is."""
+    `final/` student (of a LoRA run, `final/merged/`, else the adapter in `final/`); a
+    Hugging Face model folder is used as it is."""
     folder = Path(path)
-    if (folder / "final" / "config.json").is_file():
-        return folder / "final", folder
+    for final in (folder / "final", folder / "final" / MERGED):  # a LoRA run: its merged model
+        if (final / "config.json").is_file():
+            return final, folder
+    if (folder / "final" / "adapter_config.json").is_file() and (folder / "config.json").is_file():
+        return folder / "final", folder  # a LoRA run's adapter, on its base (`load_evaluated`)
     if (folder / "checkpoints").is_dir() or (folder / "metrics.jsonl").is_file():
         raise RlkdError(
             f"{folder} is an `rlkd train` run folder without a final/ student (is training "
@@ -80,7 +85,7 @@ def alignment(
 
     was_training = model.training
     model.eval()
-    weight, bias = lm_head(model)  # (V, H), (V,) or None
+    head = lm_head(model)
     meter = AlignmentMeter()
     total = cache.info.totals.positions
     bar = tqdm(total=total, unit="pos", desc="eval", disable=not progress)
@@ -90,7 +95,7 @@ def alignment(
         hidden = student_hidden(model, batch)  # (N, H), the training step's forward, fp32
         for start in range(0, batch.n_positions, chunk_size):
             end = start + chunk_size
-            logits = torch.nn.functional.linear(hidden[start:end], weight, bias)  # (n, V)
+            logits = head.logits(hidden[start:end])  # (n, V)
             meter.update(
                 logits,
                 batch.topk_ids[start:end],
@@ -101,6 +106,22 @@ def alignment(
     bar.close()
     model.train(was_training)
     return meter.result()
+
+
+def load_evaluated(folder: Path, run: Path | None, device: torch.device) -> tuple[Any, Any]:
+    """(model, tokenizer) of `resolve_student`'s folder: a LoRA run's adapter is merged, in
+    memory, into the base student named by the run's config.json (`--student`)."""
+    if run is None or not (folder / "adapter_config.json").is_file():
+        return load_student(folder, device)
+    base = json.loads((run / "config.json").read_text()).get("student")
+    if not isinstance(base, str) or not (Path(base) / "config.json").is_file():
+        raise RlkdError(
+            f"{run} is a LoRA run whose base student ({base!r} in its config.json) is not a model "
+            "folder here: evaluate final/merged/ (train with --merge) or restore the base"
+        )
+    from transformers import AutoTokenizer
+
+    return merged_model(base, folder).to(device), AutoTokenizer.from_pretrained(str(folder))
 
 
 def _saved(run: Path, fingerprint: str, student_sha: str) -> dict[str, Any] | None:
@@ -164,7 +185,7 @@ def run_eval(
     target = pick_device(cfg.device)
     model = tokenizer = None
     if metrics is None or generate is not None:
-        model, tokenizer = load_student(folder, target)
+        model, tokenizer = load_evaluated(folder, run, target)
         check_compatible(cache, tokenizer, model, rank_k=1, label="eval")
     if metrics is None:
         metrics = alignment(

@@ -250,7 +250,9 @@ class _ChunkedObjective(torch.autograd.Function):
     """LM head + losses chunk by chunk, gradients taken in the forward (see the module doc).
 
     Outputs (total, kd, rank, ce); only total is differentiable. The backward scales the stored
-    gradients in place, so it can run once per forward (a second run fails loudly).
+    gradients in place, so it can run once per forward (a second run fails loudly). With
+    `low_hidden` (N, r) and `low_weight` (V, r) (a LoRA adapter on the head), the logits get
+    a second, rank-r linear term, differentiated like the first.
     """
 
     @staticmethod
@@ -259,25 +261,34 @@ class _ChunkedObjective(torch.autograd.Function):
         hidden: Tensor,
         weight: Tensor,
         bias: Tensor | None,
+        low_hidden: Tensor | None,
+        low_weight: Tensor | None,
         teacher: TeacherTopK,
         keep: Tensor,
         cfg: LossConfig,
         chunk_size: int,
         matmul_dtype: torch.dtype | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        any_grad = need_hidden or need_weight or need_bias
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None  # (N, H)
-        grad_weight = torch.zeros_like(weight) if need_weight else None  # (V, H)
-        grad_bias = torch.zeros_like(bias) if need_bias and bias is not None else None  # (V,)
+        need = ctx.needs_input_grad[:5]
+        any_grad = any(need)
+        grad_hidden = torch.zeros_like(hidden) if need[0] else None  # (N, H)
+        grad_weight = torch.zeros_like(weight) if need[1] else None  # (V, H)
+        grad_bias = torch.zeros_like(bias) if need[2] and bias is not None else None  # (V,)
+        low = low_hidden is not None and low_weight is not None
+        grad_low_hidden = torch.zeros_like(low_hidden) if low and need[3] else None  # (N, r)
+        grad_low_weight = torch.zeros_like(low_weight) if low and need[4] else None  # (V, r)
         sums = torch.zeros(3, device=hidden.device)  # kd, rank, ce
         dtype = matmul_dtype or weight.dtype
         w = weight.to(dtype)  # (V, H) the weight itself unless matmul_dtype differs
         b = None if bias is None else bias.to(dtype)  # (V,)
+        lw = low_weight.to(dtype) if low else None  # (V, r)
         for start in range(0, hidden.shape[0], chunk_size):
             stop = min(start + chunk_size, hidden.shape[0])
             chunk = hidden[start:stop].to(dtype)  # (C, H)
             logits = F.linear(chunk, w, b).float()  # (C, V) every loss in fp32
+            if low:
+                low_chunk = low_hidden[start:stop].to(dtype)  # (C, r)
+                logits += F.linear(low_chunk, lw).float()  # (C, V)
             with torch.enable_grad():
                 logits.requires_grad_(any_grad)
                 rows = teacher.rows(start, stop)
@@ -302,7 +313,11 @@ class _ChunkedObjective(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.T, chunk)  # (V, H)
             elif grad_weight is not None:
                 grad_weight += grad_logits.T @ chunk  # (V, H) product in dtype, sum in weight's
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+            if grad_low_hidden is not None:
+                grad_low_hidden[start:stop] = grad_logits @ lw  # (C, r)
+            if grad_low_weight is not None:
+                grad_low_weight += grad_logits.T @ low_chunk  # (V, r)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, grad_low_hidden, grad_low_weight)
         kd, rank, ce = sums.unbind()
         ctx.mark_non_differentiable(kd, rank, ce)
         return _weighted(kd, rank, ce, cfg), kd, rank, ce
@@ -310,7 +325,7 @@ class _ChunkedObjective(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_total: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         grads = [grad if grad is None else grad.mul_(grad_total) for grad in ctx.saved_tensors]
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None)  # 5 gradients, 5 Nones
 
 
 def distill_loss(
@@ -323,6 +338,7 @@ def distill_loss(
     *,
     chunk_size: int = 256,
     matmul_dtype: torch.dtype | None = None,
+    low: tuple[Tensor, Tensor] | None = None,
 ) -> LossSums:
     """The full objective from the student's last hidden states, `chunk_size` positions at a time.
 
@@ -341,6 +357,8 @@ def distill_loss(
             e.g. torch.bfloat16 to match a bf16-autocast student; None = the weight's dtype.
             The logits are upcast to fp32 before every loss, and the gradients are kept in
             the dtypes of hidden, weight and bias.
+        low: a LoRA adapter on the head as (features (N, r), B (V, r)): the logits gain
+            features @ B.T (`student.Head.low_rank`); gradients flow to both. None: none.
 
     Returns:
         Per-part sums, the weighted total and the count of unmasked positions.
@@ -348,8 +366,9 @@ def distill_loss(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     keep = position_mask(mask, hidden.shape[0], hidden.device)  # (N,)
+    low_hidden, low_weight = low if low is not None else (None, None)
     total, kd, rank, ce = _ChunkedObjective.apply(
-        hidden, weight, bias, teacher, keep, cfg, chunk_size, matmul_dtype
+        hidden, weight, bias, low_hidden, low_weight, teacher, keep, cfg, chunk_size, matmul_dtype
     )
     return LossSums(kd=kd, rank=rank, ce=ce, total=total, count=keep.sum(dtype=torch.int64))
 
@@ -363,6 +382,7 @@ def distill_loss_reference(
     cfg: LossConfig,
     *,
     matmul_dtype: torch.dtype | None = None,
+    low: tuple[Tensor, Tensor] | None = None,
 ) -> LossSums:
     """Plain version of `distill_loss` (same arguments, no chunk_size): all (N, V) logits at once.
 
@@ -372,6 +392,8 @@ def distill_loss_reference(
     dtype = matmul_dtype or weight.dtype
     head_bias = None if bias is None else bias.to(dtype)  # (V,)
     logits = F.linear(hidden.to(dtype), weight.to(dtype), head_bias).float()  # (N, V)
+    if low is not None:
+        logits = logits + F.linear(low[0].to(dtype), low[1].to(dtype)).float()  # (N, V)
     kd, rank, ce = _part_sums(logits, teacher, keep, cfg)
     total = _weighted(kd, rank, ce, cfg)
     return LossSums(kd=kd, rank=rank, ce=ce, total=total, count=keep.sum(dtype=torch.int64))

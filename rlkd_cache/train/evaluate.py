@@ -36,12 +36,10 @@ def batch_sums(student: Any, batch: Batch, settings: StepSettings) -> dict[str, 
     sums = {name: float(getattr(out.sums, name)) for name in PARTS}
     sums["loss"] = float(out.sums.total)
     sums["kl"] = sums["top1"] = 0.0
-    weight, bias = lm_head(student)  # (V, H), (V,) or None
+    head = lm_head(student)
     chunk = settings.chunk_size
     for start in range(0, batch.n_positions, chunk):
-        logits = torch.nn.functional.linear(
-            out.hidden[start : start + chunk], weight, bias
-        ).float()  # (n, V)
+        logits = head.logits(out.hidden[start : start + chunk])  # (n, V)
         topk_ids = batch.topk_ids[start : start + chunk]  # (n, k)
         topk_logprobs = batch.topk_logprobs[start : start + chunk]  # (n, k)
         sums["kl"] += float(kd_loss(logits, topk_ids, topk_logprobs, kind="fkl").total)

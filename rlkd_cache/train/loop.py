@@ -38,6 +38,7 @@ import torch
 from rlkd_cache.config import TrainConfig, flag, pick_device, saved, validated
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.store.reader import Cache
+from rlkd_cache.train import lora
 from rlkd_cache.train.batching import Batch, TokenBatcher
 from rlkd_cache.train.checkpoint import (
     load_checkpoint,
@@ -171,24 +172,44 @@ def setup(cfg: TrainConfig, world: World | None = None, held: ExitStack | None =
             "--precision fp16 does not work with --parallel fsdp (the loss scaler cannot see "
             "sharded gradients): use --precision bf16"
         )
+    lora.check_device_needs(cfg, device)
+    if world.size > 1 and (cfg.lora_r or cfg.optimizer != "adamw"):
+        raise RlkdError(
+            "--lora-r and --optimizer other than adamw train in one process for now, not under "
+            "torchrun: run `rlkd train` without torchrun"
+        )
     cache = cfg.open_cache(cfg.cache)
     eval_cache = cfg.open_cache(cfg.eval_cache) if cfg.eval_cache else None
     torch.manual_seed(cfg.seed)
-    student, tokenizer = load_student(cfg.student, device)
+    student, tokenizer = load_student(
+        cfg.student, device, lora.base_dtype(cfg), lora.quantization(cfg)
+    )
     check_compatible(cache, tokenizer, student, cfg.rank_k, "training")
     if eval_cache is not None:
         check_compatible(eval_cache, tokenizer, student, cfg.rank_k, "eval")
     if world.size > 1:
         world.agree(identities(cfg, cache, eval_cache, student))
+    student = lora.adapt(student, cfg)
+    trainable, total = lora.counts(student)
+    if world.is_main:
+        log.info(
+            "training %s of %s parameters (%.2f%%)%s",
+            f"{trainable:,}",
+            f"{total:,}",
+            100 * trainable / total,
+            f": LoRA r={cfg.lora_r} on {cfg.lora_targets}" if cfg.lora_r else "",
+        )
 
     def claim() -> list[Path]:
         if held is not None:
             held.enter_context(run_lock(cfg.output))
-        return prepare_run_dir(cfg, world.size)
+        counted = {"trainable_parameters": trainable, "parameters": total}
+        return prepare_run_dir(cfg, world.size, counted)
 
     resume_from = world.on_main(claim)
-    if cfg.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
+    if cfg.gradient_checkpointing:  # non-reentrant: the frozen embedding gives no input grad
+        kwargs = {"use_reentrant": False} if cfg.lora_r else None
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     student.config.use_cache = False
     student.train()
     stream = CacheStream(
@@ -202,7 +223,7 @@ def setup(cfg: TrainConfig, world: World | None = None, held: ExitStack | None =
     batcher = TokenBatcher(stream, batch_tokens=cfg.batch_tokens)
     total_steps, epochs = plan_steps(cfg, batcher, world)
     model = wrap(student, cfg.parallel, world)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = lora.optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg.schedule, s, cfg.warmup_steps, total_steps)
     )
@@ -235,7 +256,11 @@ def resume(run: Run, candidates: list[Path], strict: bool) -> None:
 
 def restore(run: Run, checkpoint: Path, tensors: dict[str, Any], trainer: dict[str, Any]) -> None:
     """Load a checkpoint's state into `run` (this rank's RNG and reader position)."""
-    load_weights(checkpoint, tensors, run.model, run.optimizer)
+    if run.cfg.lora_r:  # one process: the adapters and their optimizer state
+        lora.load_trained(run.student, tensors["model"], run.cfg, checkpoint)
+        run.optimizer.load_state_dict(tensors["optimizer"])
+    else:
+        load_weights(checkpoint, tensors, run.model, run.optimizer)
     run.scheduler.load_state_dict(tensors["scheduler"])
     run.scaler.load_state_dict(tensors["scaler"])
     rng, batcher = rank_state(tensors, trainer, run.world.rank)
@@ -257,7 +282,7 @@ def save(run: Run) -> None:
         )  # fmt: skip
         return
     tensors = {
-        "model": run.model.state_dict(),
+        "model": lora.trained_state(run.student, run.cfg),
         "optimizer": run.optimizer.state_dict(),
         **common,
         "rng": rng_state(),
@@ -375,12 +400,16 @@ def run_steps(run: Run, progress: bool) -> None:
 
 def save_final(run: Run) -> Path:
     """The final student in `final/` with `save_pretrained` (rank 0; under FSDP2 its whole
-    state gathered from the shards first), loadable with plain transformers."""
+    state gathered from the shards first), loadable with plain transformers; of a LoRA run,
+    the adapter and with `--merge` the merged model (`lora.save_final`)."""
     final = run.folder / "final"
     state = full_state(run.model)  # every rank takes part in the gather
-    if run.world.is_main:
+    if run.world.is_main and run.cfg.lora_r:
+        lora.save_final(run.student, run.tokenizer, final, run.cfg)
+    elif run.world.is_main:
         run.student.save_pretrained(final, state_dict=state)
         run.tokenizer.save_pretrained(final)
+    if run.world.is_main:
         log.info("trained %d steps; final student in %s", run.step, final)
     run.world.barrier()
     return final

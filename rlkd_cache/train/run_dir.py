@@ -1,7 +1,8 @@
 """A run folder of `rlkd train`: its saved config, whether a new job may continue it, and
 from which checkpoints; plus the learning-rate schedule the run's config defines.
 
-`config.json` holds the resolved `TrainConfig` and the job's `world_size`. A job continues a
+`config.json` holds the resolved `TrainConfig`, the job's `world_size` and the student's
+parameter counts (`trainable_parameters`, `parameters`). A job continues a
 run only with the same run-defining settings (`NOT_RUN_DEFINING` lists those that may
 change) and the same number of ranks; `--resume auto` then tries the run's checkpoints
 newest first, `--resume PATH` exactly the one it names.
@@ -36,6 +37,7 @@ NOT_RUN_DEFINING = (
     "prefetch_shards",
     "local_cache",
     "local_cache_gib",
+    "merge",
 )
 """Config keys that may differ when a run is continued."""
 
@@ -100,13 +102,16 @@ def run_folder(output: str) -> Path:
     return run
 
 
-def prepare_run_dir(cfg: TrainConfig, world_size: int = 1) -> list[Path]:
+def prepare_run_dir(
+    cfg: TrainConfig, world_size: int = 1, counted: dict[str, int] | None = None
+) -> list[Path]:
     """Create the run folder; return the checkpoints to resume from, best first: the one
     `--resume` names, or with `auto` the run's own, newest first (none for a new run).
-    A run or checkpoint of another number of ranks than `world_size` is refused."""
+    A run or checkpoint of another number of ranks than `world_size` is refused. `counted`
+    (the student's trainable and all parameters) is written into config.json too."""
     run = run_folder(cfg.output)
     saved_path = run / "config.json"
-    resolved = {**saved_fields(cfg), "world_size": world_size}
+    resolved = {**saved_fields(cfg), "world_size": world_size, **(counted or {})}
     if cfg.resume not in ("auto", "never"):
         checkpoint = Path(cfg.resume)
         try:

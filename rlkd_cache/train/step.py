@@ -105,16 +105,17 @@ def teacher_of(batch: Batch) -> TeacherTopK:
 def micro_step(model: Any, batch: Batch, settings: StepSettings) -> StepOutput:
     """Student forward + the whole distillation objective on one batch (no backward)."""
     hidden = student_hidden(model, batch, settings.precision)  # (N, H)
-    weight, bias = lm_head(model)  # (V, H), (V,) or None
+    head = lm_head(model)  # (V, H) weight, (V,) bias or None, a LoRA adapter or None
     sums = distill_loss(
         hidden,
-        weight,
-        bias,
+        head.weight,
+        head.bias,
         teacher_of(batch),
         None,
         settings.losses,
         chunk_size=settings.chunk_size,
         matmul_dtype=head_matmul_dtype(settings.precision),
+        low=head.low_rank(hidden),
     )
     return StepOutput(sums=sums, hidden=hidden)
 
