@@ -173,11 +173,37 @@ def copy(
 )
 @config_options(TrainConfig)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train(config_path: str | None, no_progress: bool, **flags: Any) -> None:
-    """Train a student from a cache with KL + the RLKD ranking loss. Prints the final folder."""
+@click.option(
+    "--plan",
+    is_flag=True,
+    help="Print the run's estimated peak memory, part by part (from the student's config.json, "
+    "nothing allocated), and train nothing.",
+)
+@click.option(
+    "--gpu-memory",
+    metavar="SIZE",
+    help="With --plan: the device memory the run must fit (24GiB, 80GB, ...); says whether it "
+    "does, and if not, which settings would.",
+)
+def train(
+    config_path: str | None,
+    no_progress: bool,
+    plan: bool,
+    gpu_memory: str | None,
+    **flags: Any,
+) -> None:
+    """Train a student from a cache with KL + the RLKD ranking loss. Prints the final folder
+    (with --plan: the memory plan instead)."""
     from rlkd_cache.train.loop import train as run_train
 
     cfg = load_config(TrainConfig, config_path, **flags)
+    if plan:
+        from rlkd_cache.train.memory_plan import plan_text
+
+        click.echo(plan_text(cfg, gpu_memory))
+        return
+    if gpu_memory is not None:
+        raise RlkdError("--gpu-memory is used with --plan (it sizes the plan, not the run)")
     final = run_train(cfg, progress=not no_progress)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the job
         click.echo(str(final))

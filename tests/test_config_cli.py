@@ -21,7 +21,7 @@ from rlkd_cli.options import field_docs
 
 COMMANDS = {
     "cache": (CacheConfig, {"config_path", "no_progress"}),
-    "train": (TrainConfig, {"config_path", "no_progress"}),
+    "train": (TrainConfig, {"config_path", "no_progress", "plan", "gpu_memory"}),
     "eval": (
         EvalConfig,
         {"runs", "student", "cache_dir", "compare", "plot_path", "as_json", "no_progress"},

@@ -119,6 +119,7 @@ def test_lora_changes_only_the_adapters_and_the_student_learns(caches, student, 
     assert saved["lora_r"] == 8 and saved["lora_targets"] == "all-linear"
     trainable = sum(before[n].numel() for n in names)
     assert saved["trainable_parameters"] == trainable < saved["parameters"]
+    assert saved["trainable_share"] == pytest.approx(trainable / saved["parameters"], abs=1e-6)
     state = torch.load(
         tmp_path / "run" / "checkpoints" / "step-00000020" / "state.pt", weights_only=True
     )

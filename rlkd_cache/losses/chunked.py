@@ -317,6 +317,7 @@ class _ChunkedObjective(torch.autograd.Function):
                 grad_low_hidden[start:stop] = grad_logits @ lw  # (C, r)
             if grad_low_weight is not None:
                 grad_low_weight += grad_logits.T @ low_chunk  # (V, r)
+            del grad_logits  # freed before the next chunk's logits, like them
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, grad_low_hidden, grad_low_weight)
         kd, rank, ce = sums.unbind()
         ctx.mark_non_differentiable(kd, rank, ce)

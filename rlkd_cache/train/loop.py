@@ -4,10 +4,12 @@ No teacher in memory: the cache supplies the teacher's top-k per position. `trai
 `Run` (student, reader, optimizer, schedule, loss scaler, resumed from a checkpoint when
 there is one), then loops over optimizer steps: each takes `grad_accum` token-budget
 micro-batches through `step.train_step` (every loss sum divided once by the step's count of
-distilled positions) and `step.optimizer_step` (clip, AdamW, schedule), then logs, evaluates
-and saves as configured. Metrics go to `metrics.jsonl` and TensorBoard; checkpoints (model,
-optimizer, schedule, scaler, RNG, reader position) make a killed run resumable to the same
-weights; the final student is saved with `save_pretrained` in `final/`.
+distilled positions) and `step.optimizer_step` (clip, `--optimizer`, schedule), then logs,
+evaluates and saves as configured. Metrics go to `metrics.jsonl` and TensorBoard; checkpoints
+(model, optimizer, schedule, scaler, RNG, reader position) make a killed run resumable to the
+same weights; the final student is saved with `save_pretrained` in `final/`. With `--lora-r`
+the student is wrapped by peft and only its adapters train, are checkpointed and saved
+(`lora.py`).
 
 Under torchrun (2+ ranks; `distributed.py`) every rank runs this loop on its own part of the
 cache, with the student wrapped in DDP or FSDP2 (`--parallel`). Each optimizer step, every
@@ -203,7 +205,11 @@ def setup(cfg: TrainConfig, world: World | None = None, held: ExitStack | None =
     def claim() -> list[Path]:
         if held is not None:
             held.enter_context(run_lock(cfg.output))
-        counted = {"trainable_parameters": trainable, "parameters": total}
+        counted = {
+            "trainable_parameters": trainable,
+            "parameters": total,
+            "trainable_share": round(trainable / total, 6),
+        }
         return prepare_run_dir(cfg, world.size, counted)
 
     resume_from = world.on_main(claim)

@@ -2,7 +2,7 @@
 from which checkpoints; plus the learning-rate schedule the run's config defines.
 
 `config.json` holds the resolved `TrainConfig`, the job's `world_size` and the student's
-parameter counts (`trainable_parameters`, `parameters`). A job continues a
+parameter counts (`trainable_parameters`, `parameters`, `trainable_share`). A job continues a
 run only with the same run-defining settings (`NOT_RUN_DEFINING` lists those that may
 change) and the same number of ranks; `--resume auto` then tries the run's checkpoints
 newest first, `--resume PATH` exactly the one it names.
@@ -103,7 +103,7 @@ def run_folder(output: str) -> Path:
 
 
 def prepare_run_dir(
-    cfg: TrainConfig, world_size: int = 1, counted: dict[str, int] | None = None
+    cfg: TrainConfig, world_size: int = 1, counted: dict[str, float] | None = None
 ) -> list[Path]:
     """Create the run folder; return the checkpoints to resume from, best first: the one
     `--resume` names, or with `auto` the run's own, newest first (none for a new run).
