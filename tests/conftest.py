@@ -171,6 +171,40 @@ def start(args: list[str], log: Path, fault: str | None = None) -> subprocess.Po
         )
 
 
+def train_killed_and_resumed(args: list[str], tmp_path: Path) -> str:
+    """`rlkd train ARGS --output DIR` run through into tmp_path/clean, then into
+    tmp_path/killed SIGKILLed once two checkpoints are there and rerun; the rerun's stderr."""
+    import signal
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def cmd(output: Path) -> list[str]:
+        return [sys.executable, "-m", "rlkd_cli.main", "train", *args, "--output", str(output)]
+
+    subprocess.run(cmd(tmp_path / "clean"), env=env, check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(
+        cmd(tmp_path / "killed"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((tmp_path / "killed" / "checkpoints").glob("step-*"))) >= 2:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "training ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "final").exists()
+    resumed = subprocess.run(
+        cmd(tmp_path / "killed"), env=env, capture_output=True, text=True, timeout=600, check=True
+    )
+    assert "resuming from" in resumed.stderr
+    return resumed.stderr
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below `pid` (from /proc)."""
     parents = {}

@@ -6,11 +6,6 @@ an adapter on the head is the plain one, and what needs CUDA says so in one line
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.tensorboard import SummaryWriter
 
-from conftest import SAMPLE, fails, invoke, shallow_copy
+from conftest import SAMPLE, fails, invoke, shallow_copy, train_killed_and_resumed
 from rlkd_cache.cache import run_cache
 from rlkd_cache.config import CacheConfig, TrainConfig
 from rlkd_cache.losses import LossConfig
@@ -261,37 +256,15 @@ def test_what_needs_cuda_is_one_line_on_cpu(caches, student, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_and_resume_gives_the_same_adapters(caches, student, tmp_path):
-    def cmd(output: Path) -> list[str]:
-        return [
-            sys.executable, "-m", "rlkd_cli.main", "train", "--cache", str(caches["train"]),
-            "--student", str(student), "--output", str(output), "--lr", "3e-3",
+    logged = train_killed_and_resumed(
+        [
+            "--cache", str(caches["train"]), "--student", str(student), "--lr", "3e-3",
             "--max-steps", "30", "--batch-tokens", "256", "--grad-accum", "2",
             "--save-every", "3", "--keep-last", "2", "--lora-r", "8", "--no-progress",
-        ]  # fmt: skip
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run(cmd(tmp_path / "clean"), env=env, check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(
-        cmd(tmp_path / "killed"),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if len(list((tmp_path / "killed" / "checkpoints").glob("step-*"))) >= 2:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "training ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "killed" / "final").exists()
-    resumed = subprocess.run(
-        cmd(tmp_path / "killed"), env=env, capture_output=True, text=True, timeout=600, check=True
-    )
-    assert "resuming from" in resumed.stderr
-    assert "training " in resumed.stderr and "LoRA r=8" in resumed.stderr  # the counts line
+        ],
+        tmp_path,
+    )  # fmt: skip
+    assert "training " in logged and "LoRA r=8" in logged  # the counts line
     wa = load_file(tmp_path / "clean" / "final" / "adapter_model.safetensors")
     wb = load_file(tmp_path / "killed" / "final" / "adapter_model.safetensors")
     assert wa.keys() == wb.keys() and wa

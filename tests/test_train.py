@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import SAMPLE, build_llama, build_tokenizer, shallow_copy
+from conftest import SAMPLE, build_llama, build_tokenizer, shallow_copy, train_killed_and_resumed
 from rlkd_cache.cache import run_cache
 from rlkd_cache.config import CacheConfig, TrainConfig
 from rlkd_cache.errors import RlkdError
@@ -123,55 +118,14 @@ def test_resume_from_a_middle_checkpoint_gives_the_same_weights(caches, student,
 
 @pytest.mark.slow
 def test_sigkill_and_resume_gives_the_same_weights(caches, student, tmp_path):
-    def cmd(output: Path) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "rlkd_cli.main",
-            "train",
-            "--cache",
-            str(caches["train"]),
-            "--student",
-            str(student),
-            "--output",
-            str(output),
-            "--lr",
-            "3e-3",
-            "--max-steps",
-            "30",
-            "--batch-tokens",
-            "256",
-            "--grad-accum",
-            "2",
-            "--save-every",
-            "3",
-            "--keep-last",
-            "2",
-            "--no-progress",
-        ]
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run(cmd(tmp_path / "clean"), env=env, check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(
-        cmd(tmp_path / "killed"),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if len(list((tmp_path / "killed" / "checkpoints").glob("step-*"))) >= 2:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "training ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "killed" / "final").exists()
-    resumed = subprocess.run(
-        cmd(tmp_path / "killed"), env=env, capture_output=True, text=True, timeout=600, check=True
-    )
-    assert "resuming from" in resumed.stderr
+    train_killed_and_resumed(
+        [
+            "--cache", str(caches["train"]), "--student", str(student), "--lr", "3e-3",
+            "--max-steps", "30", "--batch-tokens", "256", "--grad-accum", "2",
+            "--save-every", "3", "--keep-last", "2", "--no-progress",
+        ],
+        tmp_path,
+    )  # fmt: skip
     wa = load_file(tmp_path / "clean" / "final" / "model.safetensors")
     wb = load_file(tmp_path / "killed" / "final" / "model.safetensors")
     for name in wa:
