@@ -32,8 +32,10 @@ Precision = Literal["fp32", "bf16", "fp16"]
 """Autocast precision of the student's forward ("fp32": none). Losses reduce in fp32."""
 
 Parallel = Literal["ddp", "fsdp"]
-Optimizer = Literal["adamw", "adamw8bit", "adafactor"]
 """How 2+ ranks hold the student: whole on every rank (DDP) or sharded across them (FSDP2)."""
+
+Optimizer = Literal["adamw", "adamw8bit", "adafactor"]
+"""`rlkd train`'s optimizer over the trainable parameters (`train/lora.py`)."""
 
 REQUIRED = {"required": True}
 """Field metadata: `validate` fails when the field is left empty; `--help` says [required]."""

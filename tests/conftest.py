@@ -113,6 +113,36 @@ def tiny_teacher(tmp_path_factory, tiny_tokenizer) -> Path:
     return build_llama(tmp_path_factory.mktemp("teacher"), tiny_tokenizer)
 
 
+@pytest.fixture(scope="session")
+def caches(tmp_path_factory, tiny_teacher) -> dict[str, Path]:
+    """The training tests' caches of the tiny teacher (test_train.py, test_lora.py): train
+    (48 rows, 3 shards), eval (20 held-out rows), k4 (4 rows at top-k 4)."""
+    from rlkd_cache.cache import run_cache
+    from rlkd_cache.config import CacheConfig
+
+    root = tmp_path_factory.mktemp("caches")
+    common = {
+        "model": str(tiny_teacher),
+        "dataset": str(SAMPLE),
+        "top_k": 16,
+        "cache_root": str(root),
+        "positions": "response",
+    }
+    return {
+        "train": run_cache(
+            CacheConfig(split="train[:48]", num_shards_hint=3, **common), progress=False
+        ),
+        "eval": run_cache(CacheConfig(split="train[300:320]", **common), progress=False),
+        "k4": run_cache(CacheConfig(split="train[:4]", **{**common, "top_k": 4}), progress=False),
+    }
+
+
+@pytest.fixture(scope="session")
+def student(tmp_path_factory, tiny_teacher) -> Path:
+    """A 1-layer student initialised from the 2-layer teacher (the recipe's shallow student)."""
+    return shallow_copy(tiny_teacher, tmp_path_factory.mktemp("student"))
+
+
 @pytest.fixture
 def cache_root(tmp_path, monkeypatch) -> Path:
     root = tmp_path / "caches"

@@ -174,12 +174,20 @@ def rank_steps(cfg: TrainConfig, rank: int) -> Iterator[list[Batch]]:
         yield micro
 
 
+def saved_config(run: Path) -> TrainConfig:
+    """The `TrainConfig` of a run folder's config.json (its other keys, such as world_size and
+    the parameter counts, left out)."""
+    saved = json.loads((run / "config.json").read_text())
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in saved.items() if k in names})
+
+
 def one_process(output: Path, tmp_path: Path) -> tuple[list[dict[str, float]], Any, dict]:
     """The single-process reference of the torchrun run in `output`: per-step figures, the
     final student and its held-out eval."""
     saved = json.loads((output / "config.json").read_text())
-    assert saved.pop("world_size") == RANKS
-    cfg = TrainConfig(**saved)
+    assert saved["world_size"] == RANKS
+    cfg = saved_config(output)
     steps = len(metrics(output, "train"))
     run = setup(dataclasses.replace(cfg, output=str(tmp_path / "ref"), max_steps=steps))
     figures = []
@@ -223,8 +231,7 @@ def assert_same_training(output: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ddp_equals_one_process_over_the_same_global_batches(ddp_run, tmp_path):
     assert_same_training(ddp_run, tmp_path)
-    saved = json.loads((ddp_run / "config.json").read_text())
-    cfg = TrainConfig(**{k: v for k, v in saved.items() if k != "world_size"})
+    cfg = saved_config(ddp_run)
     steps = [sum(1 for _ in rank_steps(cfg, rank)) for rank in range(RANKS)]
     assert steps == [12, 11]  # uneven parts (23 and 21 batches): rank 1 pads steps 11 and 12
     total = Cache(cfg.cache).manifest["totals"]["positions"]

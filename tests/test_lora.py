@@ -14,37 +14,12 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.tensorboard import SummaryWriter
 
-from conftest import SAMPLE, fails, invoke, shallow_copy, train_killed_and_resumed
-from rlkd_cache.cache import run_cache
-from rlkd_cache.config import CacheConfig, TrainConfig
+from conftest import fails, invoke, train_killed_and_resumed
+from rlkd_cache.config import TrainConfig
 from rlkd_cache.losses import LossConfig
 from rlkd_cache.losses.chunked import TeacherTopK, distill_loss, distill_loss_reference
 from rlkd_cache.train.loop import run_steps, setup, train
 from rlkd_cache.train.student import lm_head
-
-
-@pytest.fixture(scope="module")
-def caches(tmp_path_factory, tiny_teacher) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("caches")
-    common = {
-        "model": str(tiny_teacher),
-        "dataset": str(SAMPLE),
-        "top_k": 16,
-        "cache_root": str(root),
-        "positions": "response",
-    }
-    return {
-        "train": run_cache(
-            CacheConfig(split="train[:48]", num_shards_hint=3, **common), progress=False
-        ),
-        "eval": run_cache(CacheConfig(split="train[300:320]", **common), progress=False),
-    }
-
-
-@pytest.fixture(scope="module")
-def student(tmp_path_factory, tiny_teacher) -> Path:
-    """The 1-layer shallow student of test_train.py (untied head)."""
-    return shallow_copy(tiny_teacher, tmp_path_factory.mktemp("student"))
 
 
 @pytest.fixture(scope="module")

@@ -3,45 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import SAMPLE, build_llama, build_tokenizer, shallow_copy, train_killed_and_resumed
-from rlkd_cache.cache import run_cache
-from rlkd_cache.config import CacheConfig, TrainConfig
+from conftest import build_llama, build_tokenizer, train_killed_and_resumed
+from rlkd_cache.config import TrainConfig
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.losses.chunked import PRESETS
 from rlkd_cache.train.loop import train
 from rlkd_cli.main import app
-
-
-@pytest.fixture(scope="module")
-def caches(tmp_path_factory, tiny_teacher) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("caches")
-    common = {
-        "model": str(tiny_teacher),
-        "dataset": str(SAMPLE),
-        "top_k": 16,
-        "cache_root": str(root),
-        "positions": "response",
-    }
-    return {
-        "train": run_cache(
-            CacheConfig(split="train[:48]", num_shards_hint=3, **common), progress=False
-        ),
-        "eval": run_cache(CacheConfig(split="train[300:320]", **common), progress=False),
-        "k4": run_cache(CacheConfig(split="train[:4]", **{**common, "top_k": 4}), progress=False),
-    }
-
-
-@pytest.fixture(scope="module")
-def student(tmp_path_factory, tiny_teacher) -> Path:
-    """A 1-layer student initialised from the 2-layer teacher (the recipe's shallow student)."""
-    return shallow_copy(tiny_teacher, tmp_path_factory.mktemp("student"))
 
 
 def config(caches, student, output, **over) -> TrainConfig:
