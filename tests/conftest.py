@@ -143,6 +143,28 @@ def student(tmp_path_factory, tiny_teacher) -> Path:
     return shallow_copy(tiny_teacher, tmp_path_factory.mktemp("student"))
 
 
+def train_config(caches, student, output, **over):
+    """The training tests' run of `student` on `caches` (40 steps of 512 tokens at lr 3e-3,
+    eval every 20, a checkpoint every 10), with fields `over` changed: a `TrainConfig`."""
+    from rlkd_cache.config import TrainConfig
+
+    values = {
+        "cache": str(caches["train"]),
+        "eval_cache": str(caches["eval"]),
+        "student": str(student),
+        "output": str(output),
+        "lr": 3e-3,
+        "max_steps": 40,
+        "batch_tokens": 512,
+        "eval_every": 20,
+        "save_every": 10,
+        "log_every": 5,
+        "warmup_steps": 2,
+        **over,
+    }
+    return TrainConfig(**values)
+
+
 @pytest.fixture
 def cache_root(tmp_path, monkeypatch) -> Path:
     root = tmp_path / "caches"

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.tensorboard import SummaryWriter
 
-from conftest import fails, invoke, train_killed_and_resumed
+from conftest import fails, invoke, train_config, train_killed_and_resumed
 from rlkd_cache.config import TrainConfig
 from rlkd_cache.losses import LossConfig
 from rlkd_cache.losses.chunked import TeacherTopK, distill_loss, distill_loss_reference
@@ -37,23 +37,9 @@ def tied_student(tmp_path_factory, student) -> Path:
 
 
 def config(caches, student, output, **over) -> TrainConfig:
-    values = {
-        "cache": str(caches["train"]),
-        "eval_cache": str(caches["eval"]),
-        "student": str(student),
-        "output": str(output),
-        "lr": 3e-3,
-        "max_steps": 40,
-        "batch_tokens": 512,
-        "eval_every": 20,
-        "save_every": 20,
-        "log_every": 5,
-        "warmup_steps": 2,
-        "lora_r": 8,
-        "lora_dropout": 0.0,
-        **over,
-    }
-    return TrainConfig(**values)
+    """test_train.py's run, with LoRA r 8 (no dropout) and a checkpoint every 20 steps."""
+    changed = {"save_every": 20, "lora_r": 8, "lora_dropout": 0.0, **over}
+    return train_config(caches, student, output, **changed)
 
 
 def evals(run: Path) -> list[dict]:

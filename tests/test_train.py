@@ -10,29 +10,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from conftest import build_llama, build_tokenizer, train_killed_and_resumed
-from rlkd_cache.config import TrainConfig
+from conftest import train_config as config
 from rlkd_cache.errors import RlkdError
 from rlkd_cache.losses.chunked import PRESETS
 from rlkd_cache.train.loop import train
 from rlkd_cli.main import app
-
-
-def config(caches, student, output, **over) -> TrainConfig:
-    values = {
-        "cache": str(caches["train"]),
-        "eval_cache": str(caches["eval"]),
-        "student": str(student),
-        "output": str(output),
-        "lr": 3e-3,
-        "max_steps": 40,
-        "batch_tokens": 512,
-        "eval_every": 20,
-        "save_every": 10,
-        "log_every": 5,
-        "warmup_steps": 2,
-        **over,
-    }
-    return TrainConfig(**values)
 
 
 def test_default_rlkd_loss_learns_the_teacher(caches, student, tmp_path):
