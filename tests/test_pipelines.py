@@ -101,6 +101,33 @@ def test_demo_recipe_smoke_run(tiny_teacher, tmp_path):
     ] == mtimes
 
 
+@pytest.mark.slow
+def test_a_lora_recipe_trains_evaluates_its_adapter_and_is_reused(tiny_teacher, tmp_path):
+    sets = [
+        f"cache.model={tiny_teacher}",
+        f"cache.cache_root={tmp_path / 'caches'}",
+        f"output={tmp_path / 'out'}",
+        "student.layers=[0]",
+        "train.max_steps=4",
+        "train.lr=1e-2",
+        "train.lora_r=8",
+        "cache.gen_max_new_tokens=8",
+        "splits.train=train[:12]",
+        "splits.eval=train[300:306]",
+        "eval.limit=4",
+    ]
+    run_recipe(REPO / "pipelines" / "demo.yaml", sets, progress=False)
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())["results"]
+    start, lora = results["start"][0], results["rlkd"][0]
+    assert lora["generations"] == 4 and lora["kl"] != start["kl"]  # the adapter, evaluated
+    adapter = out / "runs" / "rlkd-seed0" / "final" / "adapter_model.safetensors"
+    assert adapter.is_file() and not (adapter.parent / "model.safetensors").exists()
+    mtime = adapter.stat().st_mtime_ns
+    run_recipe(REPO / "pipelines" / "demo.yaml", sets, progress=False)
+    assert adapter.stat().st_mtime_ns == mtime  # the finished LoRA run was reused
+
+
 def test_recipe_student_can_be_random(tiny_teacher, tmp_path):
     from transformers import AutoConfig
 
