@@ -67,7 +67,11 @@ def check_device_needs(cfg: TrainConfig, device: torch.device) -> None:
     """Refuse, in one line naming what is missing, `--load-in-4bit` and `--optimizer
     adamw8bit` without a CUDA device and bitsandbytes."""
     wants = [
-        (cfg.load_in_4bit, "--load-in-4bit", "drop it (LoRA trains the base in bf16 or fp32)"),
+        (
+            cfg.load_in_4bit,
+            "--load-in-4bit",
+            "drop it (LoRA keeps the frozen base in bf16 or fp32)",
+        ),
         (cfg.optimizer == "adamw8bit", "--optimizer adamw8bit", "use --optimizer adafactor"),
     ]
     for wanted, name, instead in wants:
