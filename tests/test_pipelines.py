@@ -57,10 +57,10 @@ def test_bad_keys_are_named(tmp_path):
         load_recipe(REPO / "pipelines" / "demo.yaml", ["train.lrr=3"])
 
 
-@pytest.mark.slow
-def test_demo_recipe_smoke_run(tiny_teacher, tmp_path):
-    sets = [
-        f"cache.model={tiny_teacher}",
+def smoke_sets(teacher: Path, tmp_path: Path, *more: str) -> list[str]:
+    """The demo recipe shrunk to tiny models and a few rows and steps, and `more` settings."""
+    return [
+        f"cache.model={teacher}",
         f"cache.cache_root={tmp_path / 'caches'}",
         f"output={tmp_path / 'out'}",
         "student.layers=[0]",
@@ -69,7 +69,13 @@ def test_demo_recipe_smoke_run(tiny_teacher, tmp_path):
         "splits.train=train[:12]",
         "splits.eval=train[300:306]",
         "eval.limit=4",
+        *more,
     ]
+
+
+@pytest.mark.slow
+def test_demo_recipe_smoke_run(tiny_teacher, tmp_path):
+    sets = smoke_sets(tiny_teacher, tmp_path)
     summary = run_recipe(REPO / "pipelines" / "demo.yaml", sets, progress=False)
     out = tmp_path / "out"
     saved = json.loads((out / "results.json").read_text())
@@ -103,19 +109,7 @@ def test_demo_recipe_smoke_run(tiny_teacher, tmp_path):
 
 @pytest.mark.slow
 def test_a_lora_recipe_trains_evaluates_its_adapter_and_is_reused(tiny_teacher, tmp_path):
-    sets = [
-        f"cache.model={tiny_teacher}",
-        f"cache.cache_root={tmp_path / 'caches'}",
-        f"output={tmp_path / 'out'}",
-        "student.layers=[0]",
-        "train.max_steps=4",
-        "train.lr=1e-2",
-        "train.lora_r=8",
-        "cache.gen_max_new_tokens=8",
-        "splits.train=train[:12]",
-        "splits.eval=train[300:306]",
-        "eval.limit=4",
-    ]
+    sets = smoke_sets(tiny_teacher, tmp_path, "train.lr=1e-2", "train.lora_r=8")
     run_recipe(REPO / "pipelines" / "demo.yaml", sets, progress=False)
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())["results"]
