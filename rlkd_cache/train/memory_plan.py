@@ -125,6 +125,7 @@ def _count(folder: str, lora_r: int, lora_targets: str, lora_dropout: float) -> 
     cfg = TrainConfig(lora_r=lora_r, lora_targets=lora_targets, lora_dropout=lora_dropout)
     model = lora.adapt(model, cfg)
     trained = [p for p in model.parameters() if p.requires_grad]
+    trainable, params = lora.counts(model)  # what the run logs and saves, counted the same way
     layer = model.get_decoder().layers[0]
     adapted = {n.rsplit(".", 1)[-1] for n, m in layer.named_modules() if hasattr(m, "lora_A")}
     heads = config.num_attention_heads
@@ -137,8 +138,8 @@ def _count(folder: str, lora_r: int, lora_targets: str, lora_dropout: float) -> 
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         vocab=head.weight.shape[0],
         tied=head.weight is model.get_input_embeddings().weight,
-        params=sum(p.numel() for p in model.parameters()),
-        trainable=sum(p.numel() for p in trained),
+        params=params,
+        trainable=trainable,
         decoder_linear=decoder_linear,
         largest=max((p.numel() for p in trained), default=0),
         adafactor_state=sum(
